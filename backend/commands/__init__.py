@@ -1,0 +1,1 @@
+"""One module per `subdisc` sub-command; each exposes `register(subparsers)`."""

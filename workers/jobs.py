@@ -1,0 +1,126 @@
+"""RQ job functions: plain, importable functions that take image sources and fill the cache.
+
+    embed_batch(["a.jpg", "b.jpg"], options={"fallback": True})
+
+A job takes a batch so that model loading (once per worker process) and Redis round trips are
+amortised. Each image is handled on its own: a bad photo becomes a typed error stored for that
+photo and the batch goes on. Only failures that may pass (Redis down) escape the job, so RQ's retry
+re-runs it; the images finished before the failure are then cache hits, so nothing is done twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+
+import redis as redis_lib
+
+from workers.cache import EmbeddingCache
+from workers.images import FetchSettings, ImageError, decode, read_bytes, source_identity
+from workers.pipeline import PipelineOptions, fingerprint, get_pipeline
+from workers.results import ImageResult
+
+log = logging.getLogger(__name__)
+
+#: Attempts for a network read that failed in a way that may pass, before it is recorded as an error.
+NETWORK_ATTEMPTS = 3
+#: Transient errors are cached only this long (seconds), so a host that was down is tried again later.
+TRANSIENT_ERROR_TTL = 600
+
+
+def redis_from_env() -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(os.environ.get("SUBDISC_REDIS_URL", "redis://127.0.0.1:6379/0"))
+
+
+def _current_redis() -> redis_lib.Redis:
+    """The connection of the RQ job running this code, else one from SUBDISC_REDIS_URL."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    return job.connection if job is not None else redis_from_env()
+
+
+def embed_source(source: str, options: PipelineOptions, fetch: FetchSettings,
+                 cache: EmbeddingCache, retry_errors: bool = False) -> tuple[ImageResult, str]:
+    """Faces of one image, from the cache or computed (and cached).
+
+    Returns (result, how): how is "hit" (cached), "computed", or "error" (result.error says which).
+    Raises only redis errors; everything wrong with the image itself is in the result.
+    """
+    try:
+        identity = source_identity(source, fetch)
+    except ImageError as exc:
+        return ImageResult.failed(exc.kind, exc.message), "error"
+
+    cached = cache.lookup(identity)
+    if cached is not None and (cached.ok or not retry_errors):
+        return cached, "hit" if cached.ok else "error"
+
+    try:
+        data = _read_with_retries(source, fetch)
+    except ImageError as exc:
+        failed = ImageResult.failed(exc.kind, exc.message)
+        cache.put_source_error(identity, failed, ttl=TRANSIENT_ERROR_TTL if exc.transient else None)
+        return failed, "error"
+
+    sha256 = hashlib.sha256(data).hexdigest()
+    cached = cache.get(sha256)
+    if cached is not None and (cached.ok or not retry_errors):
+        cache.remember_source(identity, sha256)  # same bytes under another name: no recompute
+        return cached, "hit" if cached.ok else "error"
+
+    try:
+        rgb = decode(data, fetch)
+    except ImageError as exc:
+        result = ImageResult.failed(exc.kind, exc.message, sha256)
+    else:
+        faces = get_pipeline(options).faces(rgb)
+        result = ImageResult(sha256, rgb.shape[1], rgb.shape[0], faces)
+    cache.put(result, identity)
+    return result, "computed" if result.ok else "error"
+
+
+def _read_with_retries(source: str, fetch: FetchSettings) -> bytes:
+    for attempt in range(1, NETWORK_ATTEMPTS + 1):
+        try:
+            return read_bytes(source, fetch)
+        except ImageError as exc:
+            if not exc.transient or attempt == NETWORK_ATTEMPTS:
+                raise
+            log.info("retrying %s after %s (attempt %d)", source, exc.message, attempt)
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def embed_batch(sources: list[str], options: dict | None = None, fetch: dict | None = None,
+                retry_errors: bool = False, *, redis: redis_lib.Redis | None = None) -> dict:
+    """RQ job: embed a batch of image sources into the cache. Returns a summary dict.
+
+    sources: paths, file:// or http(s) URLs, or Label Studio /data/... URLs.
+    options: PipelineOptions fields (defaults for the rest); fetch: FetchSettings fields, over the
+    worker's environment (so a Label Studio token can come with the job).
+    """
+    started = time.perf_counter()
+    pipeline_options = PipelineOptions.from_dict(options)
+    fetch_settings = FetchSettings.from_env(**(fetch or {}))
+    cache = EmbeddingCache(redis or _current_redis(), fingerprint(pipeline_options))
+    how_counts: Counter = Counter()
+    errors: Counter = Counter()
+    faces = 0
+    for source in sources:
+        result, how = embed_source(source, pipeline_options, fetch_settings, cache, retry_errors)
+        how_counts[how] += 1
+        faces += len(result.faces)
+        if not result.ok:
+            errors[result.error] += 1
+            log.warning("%s: %s (%s)", source, result.error, result.message)
+    return {
+        "images": len(sources),
+        "computed": how_counts["computed"],
+        "hits": how_counts["hit"],
+        "faces": faces,
+        "errors": dict(errors),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

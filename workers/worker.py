@@ -1,0 +1,32 @@
+"""`python -m workers.worker [rq worker options] QUEUE...`: the standard `rq worker`, plus a start-up line.
+
+It logs which dlib this machine runs (BLAS / AVX; a warning for the slow build) and then hands over
+to rq's own command-line worker, so every `rq worker` option works. Plain `rq worker` works as well;
+this wrapper only adds the log line and preloads the default face models before the first job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from workers.pipeline import PipelineOptions, describe_dlib, get_pipeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("subdisc.worker").info("worker pid %d: %s", os.getpid(), describe_dlib())
+    # Load the models in the parent: forked work-horses inherit them instead of loading each job.
+    get_pipeline(PipelineOptions())
+    from rq.cli import main as rq_main
+
+    argv = sys.argv[1:] if argv is None else argv
+    url = os.environ.get("SUBDISC_REDIS_URL")
+    if url and "--url" not in argv and "-u" not in argv:
+        argv = ["--url", url, *argv]
+    sys.argv = ["rq", "worker", *argv]
+    rq_main()
+
+
+if __name__ == "__main__":
+    main()
