@@ -7,7 +7,7 @@ import logging
 import sys
 
 #: Sub-command modules under backend.commands, in the order `subdisc --help` lists them.
-COMMANDS = ["embed", "study"]
+COMMANDS = ["embed", "study", "up"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,11 @@ DEFAULT_LS_VENV = Path(os.environ.get("SUBDISC_LS_VENV",
                                       Path.home() / ".cache" / "subdisc" / "label-studio-venv"))
 
 
+#: `subdisc` in this interpreter, installed or not. Not `python -m backend.cli`: run as __main__ its
+#: CommandError would be a second class, and errors raised by other modules would show as tracebacks.
+SUBDISC = [sys.executable, "-c", "import sys; from backend.cli import main; sys.exit(main())"]
+
+
 class StackError(CommandError):
     """A stack part that cannot start: a port in use, a failed install, a process that died."""
 
@@ -222,8 +227,7 @@ class Stack:
 
     def start_backend(self, port: int, env: dict, workers: int = 2, timeout: float = 60) -> str:
         """The backend under gunicorn (`subdisc serve`); returns its URL once /health answers."""
-        self.start("backend", [sys.executable, "-m", "backend.cli",
-                               *backend_args("127.0.0.1", port, workers)],
+        self.start("backend", [*SUBDISC, *backend_args("127.0.0.1", port, workers)],
                    env={"PYTHONPATH": str(ROOT), **env})
         url = f"http://127.0.0.1:{port}"
         self._wait("backend", lambda: requests.get(f"{url}/health", timeout=2).raise_for_status(),

@@ -1,0 +1,188 @@
+"""`subdisc up --images DIR`: a working labelling stack on this machine, with one command.
+
+Starts Redis (append-only, so confirmed labels survive a restart), RQ workers, the backend and Label
+Studio 1.23.2 (its own venv, installed on first use), creates or reuses the project for DIR, connects
+the backend, asks for predictions of every photo and shows progress. Ctrl-C stops all it started.
+Running it again on the same folder reuses the project, the Label Studio data and the vector cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+import redis as redis_lib
+
+from backend.cli import CommandError
+from backend.ls_setup import Provisioner, document_root_for, project_title
+from backend.stack import DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env
+from workers.cache import EmbeddingCache
+from workers.images import FetchSettings, ImageError, source_identity
+from workers.pipeline import PipelineOptions, fingerprint
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "default_config.xml"
+DEFAULT_DATA_DIR = Path(os.environ.get("SUBDISC_DATA_DIR", Path.home() / ".local" / "share" / "subdisc"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("up", help="start Redis, workers, the backend and Label Studio on a photo folder",
+                       description=__doc__)
+    p.add_argument("--images", required=True, type=Path, metavar="DIR", help="folder of face photos")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="RQ workers computing face vectors (default: number of cores)")
+    p.add_argument("--ls-port", type=int, default=8080, help="Label Studio port (default 8080)")
+    p.add_argument("--backend-port", type=int, default=9090, help="backend port (default 9090)")
+    p.add_argument("--redis-port", type=int, default=6379, help="Redis port (default 6379)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help=f"Redis, Label Studio and log files (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--fallback", action="store_true",
+                   help="treat the whole photo as the face when none is detected (pre-cropped photos)")
+    p.add_argument("--title", help="project title (default: from the folder's name and path)")
+    p.add_argument("--ls-venv", type=Path, default=DEFAULT_LS_VENV,
+                   help=f"Label Studio's virtual environment (default {DEFAULT_LS_VENV})")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop everything once every photo has its prediction, and print the figures")
+    p.add_argument("--stall-timeout", type=float, default=600,
+                   help="with --exit-when-done: give up after this many seconds without progress")
+    p.set_defaults(func=run)
+
+
+def credentials(data_dir: Path) -> dict:
+    """The Label Studio admin login and API token: made once per data dir, then reused."""
+    path = data_dir / "label-studio-login.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    creds = {"username": "admin@subdisc.local", "password": secrets.token_urlsafe(12),
+             "token": secrets.token_hex(20)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(creds, indent=1))
+    return creds
+
+
+def run(args) -> int:
+    folder = args.images.expanduser().resolve()
+    root = document_root_for(folder)
+    if args.workers < 1:
+        raise CommandError("--workers must be at least 1")
+    check_ports({"Label Studio": args.ls_port, "backend": args.backend_port, "Redis": args.redis_port})
+    exe = ensure_label_studio(args.ls_venv)
+    data_dir = args.data_dir.expanduser().resolve()
+    creds = credentials(data_dir)
+    ls_url = f"http://127.0.0.1:{args.ls_port}"
+    # SIGTERM (e.g. from a test or a service manager) stops the stack like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    try:
+        with Stack(data_dir / "logs") as stack:
+            say(f"starting Redis, {args.workers} workers and the backend (logs in {stack.log_dir})")
+            redis_url = stack.start_redis(args.redis_port, data_dir / "redis")
+            env = {"SUBDISC_REDIS_URL": redis_url, "LABEL_STUDIO_URL": ls_url,
+                   "LABEL_STUDIO_API_KEY": creds["token"], "SUBDISC_LOCAL_FILES_ROOT": str(root),
+                   "SUBDISC_FALLBACK": "1" if args.fallback else ""}
+            stack.start_workers(args.workers, redis_url, "subdisc", env)
+            backend_url = stack.start_backend(args.backend_port, env)
+            say("starting Label Studio (the first start sets up its database: about a minute)")
+            stack.start_label_studio(exe, args.ls_port, data_dir / "label-studio", label_studio_env(
+                username=creds["username"], password=creds["password"], token=creds["token"],
+                document_root=root))
+            ls = Provisioner(ls_url, creds["token"])
+            project = ls.provision(folder, backend_url, DEFAULT_CONFIG.read_text(),
+                                   title=args.title or project_title(folder))
+            say(f"Label Studio: {ls_url}/projects/{project.id}/data   "
+                f"login {creds['username']} / {creds['password']}   API token {creds['token']}")
+            say(f"backend: {backend_url}   report: {backend_url}/report.html   "
+                f"({'new' if project.created else 'existing'} project {project.id})")
+            progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), root,
+                                PipelineOptions(fallback=args.fallback))
+            asked = time.monotonic()
+            ls.retrieve_predictions(project.id)
+            done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout)
+            if args.exit_when_done:
+                say(progress.figures(asked, started))
+                return 0 if done else 1
+    except KeyboardInterrupt:
+        say("stopped: every process started by subdisc up has ended")
+        return 130
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+class Progress:
+    """Photos embedded (read from the Redis cache) and predictions posted (read from Label Studio)."""
+
+    def __init__(self, ls: Provisioner, project: int, redis: redis_lib.Redis, root: Path,
+                 options: PipelineOptions):
+        self.ls, self.project = ls, project
+        self.cache = EmbeddingCache(redis, fingerprint(options))
+        settings = FetchSettings(local_files_root=str(root))
+        self.pending: list[str] = []
+        self.photos = 0
+        for url in ls.task_images(project).values():
+            self.photos += 1
+            try:
+                self.pending.append(source_identity(url, settings))
+            except ImageError:
+                pass   # gone since the sync: it will get no vector, and is not waited for
+        self.embedded = self.photos - len(self.pending)
+        self.faces = 0
+        self.posted = 0
+        self.last_post = None
+
+    def poll(self) -> tuple[int, int]:
+        if self.pending:
+            results = self.cache.lookup_many(self.pending)
+            self.pending = [i for i, r in zip(self.pending, results) if r is None]
+            done = [r for r in results if r is not None]
+            self.embedded += len(done)
+            self.faces += sum(len(r.faces) for r in done)
+        posted = self.ls.count_tasks(self.project, with_predictions=True)
+        if posted != self.posted:
+            self.posted, self.last_post = posted, time.monotonic()
+        return self.embedded, self.posted
+
+    def line(self, since: float) -> str:
+        return (f"photos embedded {self.embedded}/{self.photos}, faces {self.faces}, "
+                f"predictions posted {self.posted}/{self.photos}  ({time.monotonic() - since:.0f} s)")
+
+    def follow(self, stack: Stack, asked: float, exit_when_done: bool, stall_timeout: float) -> bool:
+        """Show progress until every task has a prediction (then return if exit_when_done)."""
+        tty = sys.stdout.isatty()
+        shown, moved = None, time.monotonic()
+        while True:
+            stack.check_alive()
+            state = self.poll()
+            complete = self.posted >= self.photos
+            if state != shown or complete:
+                moved = time.monotonic()
+                print(("\r" if tty else "") + self.line(asked), end="" if tty and not complete else "\n",
+                      flush=True)
+                shown = state
+            if complete:
+                if exit_when_done:
+                    return True
+                say("every photo has a prediction: label away (Ctrl-C stops the stack)")
+                while True:                      # keep serving until Ctrl-C
+                    stack.check_alive()
+                    time.sleep(2)
+            if exit_when_done and time.monotonic() - moved > stall_timeout:
+                say(f"\nno progress for {stall_timeout:.0f} s: "
+                    f"{self.photos - self.posted} photos still have no prediction")
+                return False
+            time.sleep(1)
+
+    def figures(self, asked: float, started: float) -> str:
+        last = (self.last_post or time.monotonic()) - asked
+        return (f"done: {self.photos} photos, {self.faces} faces, last prediction {last:.1f} s after "
+                f"\"Retrieve predictions\" ({time.monotonic() - started:.0f} s since start)")
