@@ -1,0 +1,244 @@
+"""Everything the backend must not lose, per Label Studio project, in Redis.
+
+Keys are `subdisc:v1:project:<id>:<what>`; processes keep nothing they cannot rebuild from here, so a
+restarted server or worker carries on where it was:
+
+    settings          JSON   label config, Label Studio host and token from /setup
+    tasks             hash   task id -> {source, identity}: the photos the project showed us
+    shown             hash   task id -> what we last pre-annotated (to count "accepted as is")
+    annotations       hash   annotation id -> confirmed values (AnnotationRecord + what was shown)
+    annotation_times  hash   annotation id -> its updated_at: a replay or an older update is ignored
+    deleted           hash   annotation id -> when deleted: a late replay cannot bring it back
+    model, model_meta        the fitted project model (bytes) and its JSON description
+    model_version     str    what /setup answers; bumped by a refit that changes the model
+    clusterings, clusterings_meta   candidate clusterings of the project's faces, reused by refits
+    history           list   one JSON entry per refit that changed something
+    errors            hash   task id -> why its photo gave no prediction
+    pending, posted   hash   tasks queued for the async path / model version last POSTed per task
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import redis as redis_lib
+
+from backend.annotations import AnnotationRecord
+
+SCHEMA = "subdisc:v1"
+PROJECTS = f"{SCHEMA}:projects"
+HISTORY_LIMIT = 1000
+
+# Compare-and-set of one annotation, atomic across server processes: store it only if it was not
+# deleted and is newer than what we hold. A replayed or out-of-order webhook then changes nothing.
+_RECORD = """
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 0 end
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held and tonumber(held) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def project_id(value) -> str:
+    """Label Studio's project reference -> our id: 12, "12", "12.1700000000" or {"id": 12} -> "12"."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    text = str(value if value is not None else "").strip()
+    head = text.split(".", 1)[0]
+    if not head.isdigit():
+        raise ValueError(f"not a Label Studio project id: {value!r}")
+    return str(int(head))
+
+
+def _json(data):
+    return None if data is None else json.loads(data)
+
+
+class ProjectState:
+    """Typed access to one project's keys."""
+
+    def __init__(self, redis: redis_lib.Redis, project):
+        self.redis = redis
+        self.id = project_id(project)
+        self.prefix = f"{SCHEMA}:project:{self.id}:"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    @staticmethod
+    def projects(redis: redis_lib.Redis) -> list[str]:
+        return sorted((p.decode() for p in redis.smembers(PROJECTS)), key=int)
+
+    # --- settings ----------------------------------------------------------------------------
+    def save_settings(self, label_config: str, hostname: str | None = None,
+                      access_token: str | None = None) -> None:
+        old = self.settings() or {}
+        settings = {"label_config": label_config,
+                    # Keep what an earlier /setup told us when a later call leaves it out.
+                    "hostname": hostname or old.get("hostname"),
+                    "access_token": access_token or old.get("access_token"),
+                    "updated": time.time()}
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.key("settings"), json.dumps(settings))
+            pipe.sadd(PROJECTS, self.id)
+            pipe.execute()
+
+    def settings(self) -> dict | None:
+        return _json(self.redis.get(self.key("settings")))
+
+    # --- tasks -------------------------------------------------------------------------------
+    def register_tasks(self, entries: dict) -> None:
+        """entries: {task id: {"source": ..., "identity": ...}}."""
+        if entries:
+            self.redis.hset(self.key("tasks"), mapping={str(t): json.dumps(e) for t, e in entries.items()})
+
+    def tasks(self, task_ids=None) -> dict[str, dict]:
+        if task_ids is None:
+            raw = self.redis.hgetall(self.key("tasks"))
+            return {k.decode(): json.loads(v) for k, v in raw.items()}
+        ids = [str(t) for t in task_ids]
+        if not ids:
+            return {}
+        values = self.redis.hmget(self.key("tasks"), ids)
+        return {t: json.loads(v) for t, v in zip(ids, values) if v is not None}
+
+    # --- what we showed ----------------------------------------------------------------------
+    def remember_shown(self, shown: dict) -> None:
+        if shown:
+            self.redis.hset(self.key("shown"), mapping={str(t): json.dumps(s) for t, s in shown.items()})
+
+    def shown(self, task_id) -> dict | None:
+        return _json(self.redis.hget(self.key("shown"), str(task_id)))
+
+    # --- confirmations -----------------------------------------------------------------------
+    def record_annotation(self, record: AnnotationRecord, shown: dict | None = None) -> bool:
+        """Store an annotation unless a newer (or equal) one, or its deletion, is already known.
+
+        Returns True when something changed. `shown`: what we had pre-annotated on that task.
+        """
+        entry = record.to_dict() | {"shown": shown, "recorded": time.time()}
+        changed = self.redis.eval(_RECORD, 3, self.key("annotations"), self.key("annotation_times"),
+                                  self.key("deleted"), str(record.annotation_id),
+                                  repr(float(record.updated_at)), json.dumps(entry))
+        return bool(changed)
+
+    def delete_annotation(self, annotation_id) -> bool:
+        """Forget an annotation for good; True if we held it."""
+        aid = str(int(annotation_id))
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.key("deleted"), aid, repr(time.time()))
+            pipe.hdel(self.key("annotations"), aid)
+            pipe.hdel(self.key("annotation_times"), aid)
+            removed = pipe.execute()[1]
+        return bool(removed)
+
+    def annotations(self) -> list[dict]:
+        """Every live annotation entry (AnnotationRecord dict + "shown"), oldest update first."""
+        raw = self.redis.hvals(self.key("annotations"))
+        return sorted((json.loads(v) for v in raw), key=lambda e: (e["updated_at"], e["annotation_id"]))
+
+    # --- model -------------------------------------------------------------------------------
+    def model_version(self) -> str | None:
+        v = self.redis.get(self.key("model_version"))
+        return v.decode() if v is not None else None
+
+    def load_model(self) -> tuple[bytes, dict] | None:
+        blob, meta = self.redis.mget([self.key("model"), self.key("model_meta")])
+        if blob is None or meta is None:
+            return None
+        return blob, json.loads(meta)
+
+    def save_model(self, blob: bytes, meta: dict) -> None:
+        """Model, description and version together (readers never see a mix)."""
+        with self.redis.pipeline() as pipe:   # MULTI/EXEC
+            pipe.set(self.key("model"), blob)
+            pipe.set(self.key("model_meta"), json.dumps(meta))
+            pipe.set(self.key("model_version"), meta["version"])
+            pipe.execute()
+
+    def load_clusterings(self) -> tuple[bytes, dict] | None:
+        blob, meta = self.redis.mget([self.key("clusterings"), self.key("clusterings_meta")])
+        if blob is None or meta is None:
+            return None
+        return blob, json.loads(meta)
+
+    def save_clusterings(self, blob: bytes, meta: dict) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.key("clusterings"), blob)
+            pipe.set(self.key("clusterings_meta"), json.dumps(meta))
+            pipe.execute()
+
+    def lock(self, name: str = "refit", timeout: float = 600):
+        """A Redis lock: one refit of a project at a time, whichever process runs it."""
+        return self.redis.lock(self.key(f"lock:{name}"), timeout=timeout)
+
+    # --- history -----------------------------------------------------------------------------
+    def append_history(self, entry: dict) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.rpush(self.key("history"), json.dumps(entry))
+            pipe.ltrim(self.key("history"), -HISTORY_LIMIT, -1)
+            pipe.execute()
+
+    def history(self) -> list[dict]:
+        return [json.loads(v) for v in self.redis.lrange(self.key("history"), 0, -1)]
+
+    # --- errors ------------------------------------------------------------------------------
+    def record_errors(self, errors: dict) -> None:
+        """errors: {task id: (kind, message)}."""
+        if errors:
+            now = time.time()
+            self.redis.hset(self.key("errors"), mapping={
+                str(t): json.dumps({"error": k, "message": m, "at": now}) for t, (k, m) in errors.items()})
+
+    def clear_errors(self, task_ids) -> None:
+        ids = [str(t) for t in task_ids]
+        if ids:
+            self.redis.hdel(self.key("errors"), *ids)
+
+    def errors(self) -> dict[str, dict]:
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.key("errors")).items()}
+
+    # --- async path bookkeeping --------------------------------------------------------------
+    def claim_pending(self, task_ids, ttl: float) -> list[str]:
+        """Mark tasks as queued for the async path; returns those not already queued (or expired).
+
+        A task whose embedding is still in flight is not queued twice when Label Studio asks again.
+        """
+        ids = [str(t) for t in task_ids]
+        if not ids:
+            return []
+        now = time.time()
+        held = self.redis.hmget(self.key("pending"), ids)
+        fresh = [t for t, h in zip(ids, held) if h is None or float(h) < now]
+        if fresh:
+            self.redis.hset(self.key("pending"), mapping={t: repr(now + ttl) for t in fresh})
+        return fresh
+
+    def release_pending(self, task_ids) -> None:
+        ids = [str(t) for t in task_ids]
+        if ids:
+            self.redis.hdel(self.key("pending"), *ids)
+
+    def posted_versions(self, task_ids) -> dict[str, str | None]:
+        ids = [str(t) for t in task_ids]
+        if not ids:
+            return {}
+        return {t: (v.decode() if v is not None else None)
+                for t, v in zip(ids, self.redis.hmget(self.key("posted"), ids))}
+
+    def mark_posted(self, task_id, version: str) -> None:
+        self.redis.hset(self.key("posted"), str(task_id), version)
+
+    # --- refit scheduling --------------------------------------------------------------------
+    def claim_refit(self, ttl: int = 3600) -> bool:
+        """True if no refit is queued yet (the caller then queues one)."""
+        return bool(self.redis.set(self.key("refit_queued"), repr(time.time()), nx=True, ex=ttl))
+
+    def refit_started(self) -> None:
+        # From here on, a new confirmation needs a new refit: let the next event queue one.
+        self.redis.delete(self.key("refit_queued"))
+
+    def refit_queued(self) -> bool:
+        return bool(self.redis.exists(self.key("refit_queued")))
