@@ -1,0 +1,103 @@
+"""The backend's settings from the environment (one place, so server, jobs and CLI agree).
+
+    SUBDISC_REDIS_URL      Redis holding the cache, the project state and the RQ queue
+    SUBDISC_QUEUE          RQ queue of the workers (default "subdisc")
+    SUBDISC_DETECTOR, SUBDISC_UPSAMPLE, SUBDISC_FALLBACK   face pipeline (hog, 1, off)
+    SUBDISC_PRIOR          a saved centroid model (`subdisc study ... --holdout`) naming clusters
+                           before any confirmation
+    LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY
+                           where Label Studio is and its token; they win over what /setup sends,
+                           because Label Studio's own idea of its address ("localhost:8080") is often
+                           wrong from inside another container
+    SUBDISC_MAX_BODY_MB    request body limit (default 64)
+    BASIC_AUTH_USER, BASIC_AUTH_PASS   if both set, every route asks for them
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import redis as redis_lib
+
+from workers.images import FetchSettings
+from workers.pipeline import PipelineOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url() -> str:
+    return os.environ.get("SUBDISC_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+def redis_from_env() -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(redis_url())
+
+
+def queue_name() -> str:
+    return os.environ.get("SUBDISC_QUEUE", "subdisc")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def pipeline_options() -> PipelineOptions:
+    return PipelineOptions(detector=os.environ.get("SUBDISC_DETECTOR", "hog"),
+                           upsample=int(os.environ.get("SUBDISC_UPSAMPLE", "1")),
+                           fallback=_flag("SUBDISC_FALLBACK"))
+
+
+def label_studio_target(settings: dict | None) -> tuple[str | None, str | None]:
+    """(Label Studio URL, token): the environment's, else what /setup told us."""
+    settings = settings or {}
+    url = os.environ.get("LABEL_STUDIO_URL") or settings.get("hostname") or None
+    token = os.environ.get("LABEL_STUDIO_API_KEY") or settings.get("access_token") or None
+    return (url.rstrip("/") if url else None), token
+
+
+def fetch_settings(settings: dict | None) -> FetchSettings:
+    """How to read a project's images: local files root and allowed hosts from the environment,
+    Label Studio's address and token as in label_studio_target."""
+    url, token = label_studio_target(settings)
+    return FetchSettings.from_env(label_studio_url=url, label_studio_token=token)
+
+
+def max_body_bytes() -> int:
+    return int(float(os.environ.get("SUBDISC_MAX_BODY_MB", "64")) * 2**20)
+
+
+def basic_auth() -> tuple[str, str] | None:
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    return (user, password) if user and password else None
+
+
+def prior_path() -> str | None:
+    return os.environ.get("SUBDISC_PRIOR") or None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_prior(path: str, mtime_ns: int):
+    from backend.centroids import CentroidModel
+
+    model = CentroidModel.load(path)
+    log.info("prior %s: attributes %s", path, ", ".join(model.attributes))
+    return model
+
+
+def load_prior(path: str | None = None):
+    """The saved centroid model named by SUBDISC_PRIOR (reloaded when the file changes), or None.
+
+    A missing or unreadable file is an error: a prior the operator asked for must not be silently
+    dropped.
+    """
+    path = path or prior_path()
+    if not path:
+        return None
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError as exc:
+        raise FileNotFoundError(f"SUBDISC_PRIOR={path}: {exc.strerror}") from None
+    return _load_prior(path, mtime)

@@ -1,0 +1,126 @@
+"""Choosing, per attribute, the clustering whose named clusters best predict the confirmed labels.
+
+The clusterings are fitted on all the project's faces, without labels. What labels decide is only
+the naming: on each cross-validation fold the clusters are named from the training labels
+(backend.scoring.name_clusters) and scored on the held-out labels, so a candidate (algorithm, k) is
+judged on labels it was not named with. The reported accuracy of the chosen model is nested: in each
+outer fold the choice itself is made again on the outer-training labels only, so the figure is not
+flattered by having picked the best of several candidates on the same labels.
+
+    sel = select(candidates, y)       # y: (m,) confirmed values of the labelled faces
+    sel.chosen, sel.cv[key], sel.scores (nested held-out Scores), sel.candidate_scores[key]
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.scoring import Scores, apply_names, name_clusters, score
+
+#: Values need this many confirmations before clusters are named after them.
+MIN_PER_VALUE = 2
+MAX_FOLDS = 5
+
+
+@dataclass
+class Candidate:
+    """A fitted clustering seen through the labelled faces.
+
+    ids: (m,) cluster of each labelled face; centers: (k, d) to name clusters without labelled
+    members after their nearest named neighbour; names: fixed names (a prior), else None (named from
+    labels on each fold).
+    """
+
+    key: str
+    k: int
+    ids: np.ndarray
+    centers: np.ndarray | None = None
+    names: dict[int, str | None] | None = None
+
+    def name(self, ids, y, values) -> dict[int, str | None]:
+        if self.names is not None:
+            return self.names
+        return name_clusters(ids, y, self.k, centers=self.centers, values=values)
+
+
+@dataclass
+class Selection:
+    chosen: str
+    cv: dict[str, float]                       # plain cross-validated accuracy per candidate
+    scores: Scores                             # nested held-out scores of the whole procedure
+    candidate_scores: dict[str, Scores] = field(default_factory=dict)
+    folds: int = 0
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "cv": self.cv, "scores": self.scores.to_dict(),
+                "folds": self.folds}
+
+
+def ready_values(y, min_count: int = MIN_PER_VALUE) -> list[str]:
+    """Values confirmed at least min_count times (sorted)."""
+    counts = Counter(str(v) for v in y if v is not None and str(v) != "")
+    return sorted(v for v, c in counts.items() if c >= min_count)
+
+
+def splits(y: np.ndarray, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds (as many as the rarest value allows, at most MAX_FOLDS); [] if < 2."""
+    from sklearn.model_selection import StratifiedKFold
+
+    _, counts = np.unique(y.astype(str), return_counts=True)
+    n = int(min(MAX_FOLDS, counts.min())) if len(counts) > 1 else 0
+    if n < 2:
+        return []
+    return list(StratifiedKFold(n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.astype(str)))
+
+
+def held_out(candidate: Candidate, y: np.ndarray, folds, values) -> np.ndarray:
+    """Each labelled face's predicted value, from names given without its own label."""
+    pred = np.empty(len(y), dtype=object)
+    for train, test in folds:
+        names = candidate.name(candidate.ids[train], y[train], values)
+        pred[test] = apply_names(candidate.ids[test], names)
+    return pred
+
+
+def _best(candidates: list[Candidate], y: np.ndarray, values, seed: int) -> tuple[str, dict, dict]:
+    """(key of the best candidate by CV accuracy, {key: accuracy}, {key: Scores}).
+
+    Ties go to the earlier candidate: callers list simpler models first.
+    """
+    folds = splits(y, seed)
+    cv, detail = {}, {}
+    for c in candidates:
+        if folds:
+            pred = held_out(c, y, folds, values)
+        else:   # too few labels to hold any out: resubstitution, only used inside nested CV
+            pred = apply_names(c.ids, c.name(c.ids, y, values))
+        s = score(y, pred, values)
+        cv[c.key], detail[c.key] = s.accuracy, s
+    best = max(candidates, key=lambda c: cv[c.key])   # max keeps the first of equals
+    return best.key, cv, detail
+
+
+def select(candidates: list[Candidate], y, seed: int = 0) -> Selection:
+    """Pick the candidate with the best cross-validated accuracy on the confirmed labels y (m,)."""
+    if not candidates:
+        raise ValueError("no candidate clustering to choose from")
+    y = np.asarray(y, dtype=object)
+    values = ready_values(y)
+    if len(values) < 2:
+        raise ValueError("at least two values need confirmations before clusters can be named")
+    keep = np.isin(y.astype(str), values)
+    y = y[keep]
+    candidates = [Candidate(c.key, c.k, np.asarray(c.ids)[keep], c.centers, c.names) for c in candidates]
+    chosen, cv, detail = _best(candidates, y, values, seed)
+
+    outer = splits(y, seed)
+    by_key = {c.key: c for c in candidates}
+    pred = np.empty(len(y), dtype=object)
+    for train, test in outer:
+        inner = [Candidate(c.key, c.k, c.ids[train], c.centers, c.names) for c in candidates]
+        key, _, _ = _best(inner, y[train], values, seed)
+        c = by_key[key]
+        pred[test] = apply_names(c.ids[test], c.name(c.ids[train], y[train], values))
+    return Selection(chosen, cv, score(y, pred, values), detail, folds=len(outer))
