@@ -7,7 +7,7 @@ import logging
 import sys
 
 #: Sub-command modules under backend.commands, in the order `subdisc --help` lists them.
-COMMANDS = ["embed", "study", "up"]
+COMMANDS = ["embed", "study", "up", "serve", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -264,7 +264,7 @@ class SubdiscModel:
                 failures.append(f"task {tid}: no Label Studio URL (set LABEL_STUDIO_URL)")
                 continue
             try:
-                post_prediction(url, token, tid, prediction, session=session)
+                _with_backoff(lambda: post_prediction(url, token, tid, prediction, session=session))
             except LabelStudioError as exc:
                 failures.append(str(exc))
                 retry += int(exc.transient)
@@ -432,6 +432,19 @@ class SubdiscModel:
             if meta.get("pipeline") == self.fingerprint and n_faces < 2 * max(meta["n_faces"], 1):
                 return Clusterings.from_bytes(blob, meta["n_faces"])
         return Clusterings(n_faces=n_faces)
+
+
+def _with_backoff(call, attempts: int = 3, first_wait: float = 1.0):
+    """call(), again after 1 s, 2 s... while it fails in a way that may pass (LabelStudioError.transient)."""
+    from backend.labelstudio import LabelStudioError
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except LabelStudioError as exc:
+            if not exc.transient or attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2 ** attempt)
 
 
 def history_entry(model: ProjectModel, meta: dict, accepted: dict, changed: bool) -> dict:

@@ -47,7 +47,9 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
         post_jobs.append(queue.enqueue(
             post_batch, project_id, task_ids, run,
             depends_on=Dependency(jobs=[job], allow_failure=True, enqueue_at_front=True),
-            job_timeout=600, retry=Retry(max=3, interval=[5, 30, 120]),
+            # Immediate retries: interval retries would need workers started --with-scheduler,
+            # and post_predictions already backs off between attempts at one POST.
+            job_timeout=600, retry=Retry(max=2),
             result_ttl=3600, failure_ttl=7 * 24 * 3600,
             description=f"post predictions of {len(task_ids)} tasks (project {project_id})"))
     log.info("project %s: %d tasks queued in %d batches (run %s)", project_id, len(items),

@@ -50,7 +50,8 @@ def schedule_refit(redis: redis_lib.Redis, queue_name: str, project_id: str) -> 
         return None
     try:
         job = queue_for(redis, queue_name).enqueue(
-            refit_project, st.id, job_timeout=REFIT_TIMEOUT, retry=Retry(max=2, interval=[5, 30]),
+            # No retry interval: interval retries need a worker started --with-scheduler.
+            refit_project, st.id, job_timeout=REFIT_TIMEOUT, retry=Retry(max=2),
             result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600, description=f"refit project {st.id}")
     except Exception:
         st.refit_started()   # nothing queued after all: do not block the next attempt

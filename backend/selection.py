@@ -87,16 +87,12 @@ def held_out(candidate: Candidate, y: np.ndarray, folds, values) -> np.ndarray:
 def _best(candidates: list[Candidate], y: np.ndarray, values, seed: int) -> tuple[str, dict, dict]:
     """(key of the best candidate by CV accuracy, {key: accuracy}, {key: Scores}).
 
-    Ties go to the earlier candidate: callers list simpler models first.
+    Ties go to the earlier candidate: callers list simpler models first. y must allow >= 2 folds.
     """
     folds = splits(y, seed)
     cv, detail = {}, {}
     for c in candidates:
-        if folds:
-            pred = held_out(c, y, folds, values)
-        else:   # too few labels to hold any out: resubstitution, only used inside nested CV
-            pred = apply_names(c.ids, c.name(c.ids, y, values))
-        s = score(y, pred, values)
+        s = score(y, held_out(c, y, folds, values), values)
         cv[c.key], detail[c.key] = s.accuracy, s
     best = max(candidates, key=lambda c: cv[c.key])   # max keeps the first of equals
     return best.key, cv, detail
@@ -120,7 +116,12 @@ def select(candidates: list[Candidate], y, seed: int = 0) -> Selection:
     pred = np.empty(len(y), dtype=object)
     for train, test in outer:
         inner = [Candidate(c.key, c.k, c.ids[train], c.centers, c.names) for c in candidates]
-        key, _, _ = _best(inner, y[train], values, seed)
+        if splits(y[train], seed):
+            key, _, _ = _best(inner, y[train], values, seed)
+        else:
+            # Too few labels in this outer fold to choose honestly: the simplest candidate, rather
+            # than the one that best fits the very labels it is named with.
+            key = candidates[0].key
         c = by_key[key]
         pred[test] = apply_names(c.ids[test], c.name(c.ids[train], y[train], values))
     return Selection(chosen, cv, score(y, pred, values), detail, folds=len(outer))

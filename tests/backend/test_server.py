@@ -1,0 +1,330 @@
+"""The real HTTP server (`subdisc serve`: gunicorn), driven with Label Studio's own payload shapes.
+
+Real Redis, real `rq worker` processes, real photos through dlib, and a real HTTP server standing in
+for Label Studio's /api/predictions and /data/upload (tests/backend/standin.py).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from label_studio_sdk.label_interface import LabelInterface
+from PIL import Image
+
+from backend.labeling_config import default_config_xml
+from workers.client import embed
+
+from conftest import TWO_ATTRIBUTES, group_vectors, ls_annotation, webhook
+from standin import StandInLabelStudio
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = "1.1714000000"      # how Label Studio names a project: "<id>.<created timestamp>"
+AUTH = ("labelstudio", "s3cret")
+BOX = (20, 40, 120, 160)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Backend:
+    def __init__(self, url: str, log: Path):
+        self.url, self.log = url, log
+        self.http = requests.Session()
+        self.http.auth = AUTH
+
+    def post(self, path, body, **kw):
+        return self.http.post(self.url + path, json=body, timeout=60, **kw)
+
+    def get(self, path, **kw):
+        return self.http.get(self.url + path, timeout=60, **kw)
+
+    def setup(self, config, hostname="", token="") -> requests.Response:
+        return self.post("/setup", {"project": PROJECT, "schema": config, "hostname": hostname,
+                                    "access_token": token, "model_version": None,
+                                    "extra_params": None})
+
+    def predict(self, tasks, config) -> requests.Response:
+        return self.post("/predict", {"tasks": tasks, "model_version": None, "project": PROJECT,
+                                      "label_config": config,
+                                      "params": {"login": None, "password": None, "context": None}})
+
+
+@pytest.fixture(scope="module")
+def backend(redis_url):
+    """`subdisc serve` on a free port, with Basic auth and a 1 MB body limit."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SUBDISC_REDIS_URL=redis_url,
+               SUBDISC_QUEUE="subdisc-test", BASIC_AUTH_USER=AUTH[0], BASIC_AUTH_PASS=AUTH[1],
+               SUBDISC_MAX_BODY_MB="1")
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "SUBDISC_FALLBACK",
+                 "SUBDISC_LOCAL_FILES_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+        env.pop(name, None)
+    log = Path(tempfile.mkstemp(prefix="subdisc-serve-", suffix=".log")[1])
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port),
+                             "--workers", "1", "--threads", "4"],
+                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = Backend(f"http://127.0.0.1:{port}", log)
+    for _ in range(300):
+        try:
+            if server.get("/health").status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            pytest.fail("the server exited:\n" + log.read_text())
+    else:
+        pytest.fail("the server did not start:\n" + log.read_text())
+    yield server
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(20)
+
+
+def ls_task(task_id, image, project=1):
+    """A task as Label Studio serializes it for /predict (TaskSimpleSerializer)."""
+    return {"id": task_id, "data": {"image": image}, "meta": {}, "created_at": "2024-05-01T08:00:00Z",
+            "updated_at": "2024-05-01T08:00:00Z", "is_labeled": False, "overlap": 1,
+            "inner_id": task_id, "total_annotations": 0, "cancelled_annotations": 0,
+            "total_predictions": 0, "comment_count": 0, "unresolved_comment_count": 0,
+            "last_comment_updated_at": None, "project": project, "updated_by": None,
+            "file_upload": None, "comment_authors": [], "annotations": [], "predictions": []}
+
+
+@pytest.fixture
+def photos(tmp_path, astronaut_face):
+    """Real photos: one face, three faces, no face, and a JPEG cut in half."""
+    face = astronaut_face
+    three = np.hstack([face, np.fliplr(face), (face * 0.8).astype(np.uint8)])
+    y, x = np.mgrid[0:200, 0:300]
+    plain = np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)
+    paths = {}
+    for name, pixels in (("one", face), ("three", three), ("none", plain)):
+        paths[name] = tmp_path / f"{name}.jpg"
+        Image.fromarray(np.ascontiguousarray(pixels)).save(paths[name], quality=90)
+    whole = paths["one"].read_bytes()
+    paths["broken"] = tmp_path / "broken.jpg"
+    paths["broken"].write_bytes(whole[: len(whole) // 2])
+    return paths
+
+
+def rectangles(prediction):
+    return [r for r in prediction["result"] if r["type"] == "rectanglelabels"]
+
+
+def test_health_auth_and_request_checks(backend):
+    health = backend.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    assert requests.get(backend.url + "/health", timeout=10).status_code == 401
+    assert requests.get(backend.url + "/report", auth=("labelstudio", "wrong"), timeout=10).status_code == 401
+    r = backend.http.post(backend.url + "/predict", data="tasks=1",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "JSON" in r.json()["error"]
+    assert backend.http.post(backend.url + "/setup", data="[1, 2]",
+                             headers={"Content-Type": "application/json"}).status_code == 400
+    big = backend.predict([ls_task(1, "x" * 2_000_000)], default_config_xml())
+    assert big.status_code == 413 and "limit" in big.json()["error"]
+    # A chunked body has no length to check before reading it: refused.
+    conn = http.client.HTTPConnection(backend.url.split("//")[1], timeout=10)
+    conn.putrequest("POST", "/webhook")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.putheader("Authorization", requests.auth._basic_auth_str(*AUTH))
+    conn.endheaders()
+    conn.send(b"2\r\n{}\r\n0\r\n\r\n")
+    assert conn.getresponse().status == 411
+
+
+def test_setup_with_default_custom_and_bad_configs(backend, redis_conn):
+    r = backend.setup(default_config_xml())
+    assert r.status_code == 200 and r.json()["model_version"].startswith("subdisc-0-")
+    custom = """<View><Image name="photo" value="$url"/>
+      <RectangleLabels name="faces" toName="photo"><Label value="Face"/></RectangleLabels>
+      <Choices name="mood" toName="photo"><Choice value="happy"/><Choice value="sad"/></Choices>
+    </View>"""
+    r2 = backend.setup(custom)
+    assert r2.status_code == 200 and r2.json()["model_version"] != r.json()["model_version"]
+    bad = backend.setup("<View><Image name='i' value='$i'/><Choices name='g' toName='i' "
+                        "perRegion='true'><Choice value='m'/><Choice value='f'/></Choices></View>")
+    assert bad.status_code == 400
+    assert "perRegion" in bad.json()["error"] and "RectangleLabels" in bad.json()["error"]
+    assert backend.setup("<View><Image").status_code == 400
+    # The refused configs did not replace the good one.
+    settings = json.loads(redis_conn.get("subdisc:v1:project:1:settings"))
+    assert settings["label_config"] == custom
+
+
+def test_predict_cached_tasks_several_faces_no_face_and_a_broken_photo(backend, redis_conn, photos):
+    config = default_config_xml()
+    # The workers' own code fills the cache (inline), as a previous run would have.
+    embed([str(p) for p in photos.values()], redis=redis_conn, inline=True, progress=False)
+    assert backend.setup(config).status_code == 200
+    tasks = [ls_task(1, str(photos["one"])), ls_task(2, str(photos["broken"])),
+             ls_task(3, str(photos["three"])), ls_task(4, str(photos["none"])),
+             ls_task(5, str(photos["one"].parent / "gone.jpg"))]
+    started = time.perf_counter()
+    r = backend.predict(tasks, config)
+    assert r.status_code == 200 and time.perf_counter() - started < 10
+    results = r.json()["results"]
+    version = backend.setup(config).json()["model_version"]
+    assert len(results) == 5 and all(p["model_version"] == version for p in results)
+    assert version.startswith("subdisc-1-")    # the first /predict fitted the project's clusters
+    for p in results:
+        assert LabelInterface(config).validate_prediction(p, return_errors=True) == []
+    assert len(rectangles(results[0])) == 1 and len(rectangles(results[2])) == 3
+    assert results[1]["result"] == [] and results[3]["result"] == [] and results[4]["result"] == []
+    # Three faces are three regions, each with its own box.
+    assert len({(b["value"]["x"], b["value"]["y"]) for b in rectangles(results[2])}) == 3
+    report = backend.get("/report?project=1").json()
+    assert report["errors"] == {"truncated": 1, "not_found": 1}
+    assert report["tasks"] == 4 and report["faces"] == 4
+
+
+def test_predict_uncached_tasks_posts_them_to_label_studio(backend, redis_conn, photos, rq_workers,
+                                                          tmp_path):
+    config = default_config_xml()
+    uploads = tmp_path / "uploads"
+    (uploads / "1").mkdir(parents=True)
+    (uploads / "1" / "face.jpg").write_bytes(photos["one"].read_bytes())
+    rq_workers.start(1)
+    with StandInLabelStudio(token="tok-123", uploads=uploads, fail_first=1) as ls:
+        assert backend.setup(config, hostname=ls.url, token="tok-123").status_code == 200
+        tasks = [ls_task(21, "/data/upload/1/face.jpg"), ls_task(22, str(photos["three"])),
+                 ls_task(23, str(photos["broken"])), ls_task(24, str(photos["none"]))]
+        started = time.perf_counter()
+        r = backend.predict(tasks, config)
+        assert r.status_code == 200 and time.perf_counter() - started < 5
+        pending = r.json()["results"]
+        assert all(p["result"] == [] and p["model_version"].endswith("+pending") for p in pending)
+
+        posted = {p["task"]: p for p in ls.wait_for(4, timeout=180)}
+        time.sleep(1)
+        assert len(ls.predictions) == 4 and set(posted) == {21, 22, 23, 24}   # the 503 was retried
+        version = backend.setup(config, hostname=ls.url, token="tok-123").json()["model_version"]
+        for p in posted.values():
+            assert p["_authorization"] == "Token tok-123"
+            assert p["model_version"] == version and isinstance(p["score"], float)
+            assert LabelInterface(config).validate_prediction(p, return_errors=True) == []
+        assert len(rectangles(posted[21])) == 1 and len(rectangles(posted[22])) == 3
+        assert posted[23]["result"] == [] and posted[24]["result"] == []
+        # The upload was fetched from "Label Studio" with its token.
+        assert ("GET", "/data/upload/1/face.jpg", "Token tok-123") in ls.requests
+
+        # Asked again, every task is cached now: full answers at once, nothing queued.
+        again = backend.predict(tasks, config).json()["results"]
+        assert [len(rectangles(p)) for p in again] == [1, 3, 0, 0]
+        assert all(p["model_version"] == version for p in again)
+    assert backend.get("/report?project=1").json()["errors"]["truncated"] == 1
+
+
+def wait_for_report(backend, condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        report = backend.get("/report?project=1").json()
+        if condition(report):
+            return report
+        time.sleep(0.2)
+    raise AssertionError(f"report never reached the expected state: {json.dumps(report)[:2000]}")
+
+
+def test_webhooks_refits_and_the_report_against_a_hand_computation(backend, redis_url, rq_workers,
+                                                                  cached_photos, centres, tmp_path):
+    """12 faces in two groups (1-6 'male', 7-12 'female'); labelers confirm some, accept or change
+    some pre-annotations, replay and delete events. Every figure of the report is computed by hand."""
+    rng = np.random.default_rng(5)
+    vectors = np.concatenate([group_vectors(rng, centres[0], 6), group_vectors(rng, centres[1], 6)])
+    tasks = [ls_task(i + 1, cached_photos.photo(v)) for i, v in enumerate(vectors)]
+    by_id = {t["id"]: t for t in tasks}
+    rq_workers.start(1)
+    v0 = backend.setup(TWO_ATTRIBUTES).json()["model_version"]
+    assert all(not [x for x in p["result"] if x["type"] == "choices"]
+               for p in backend.predict(tasks, TWO_ATTRIBUTES).json()["results"])
+    v1 = backend.setup(TWO_ATTRIBUTES).json()["model_version"]
+    assert v1 != v0
+
+    def send(action, aid, task_id, values, updated):
+        ann = ls_annotation(aid, task_id, [(BOX, values)], updated_at=updated)
+        r = backend.post("/webhook", webhook(action, ann, by_id[task_id], label_config=TWO_ATTRIBUTES))
+        assert r.status_code == 200 and r.elapsed.total_seconds() < 1.0
+        return r.json()
+
+    # Round 1: two confirmations per value. Shown pre-annotations had no values yet.
+    for aid, tid, gender in ((101, 1, "male"), (102, 2, "male"), (107, 7, "female"), (108, 8, "female")):
+        assert send("ANNOTATION_CREATED", aid, tid, {"gender": gender}, "2024-05-01T10:00:00Z")["changed"] == 1
+    deadline = time.monotonic() + 60
+    while backend.setup(TWO_ATTRIBUTES).json()["model_version"] == v1:   # the worker's refit
+        assert time.monotonic() < deadline, rq_workers.output()
+        time.sleep(0.2)
+    shown = backend.predict(tasks, TWO_ATTRIBUTES).json()["results"]
+    genders = [[x["value"]["choices"][0] for x in p["result"] if x["from_name"] == "gender"] for p in shown]
+    assert genders == [["male"]] * 6 + [["female"]] * 6
+
+    # Round 2: tasks 3, 4, 9 accepted as shown; task 10's "female" changed to "male"; task 3 also
+    # gets glasses (never shown). Then a replay, a stale update, and a deletion.
+    send("ANNOTATION_CREATED", 103, 3, {"gender": "male", "glasses": "yes"}, "2024-05-02T10:00:00Z")
+    send("ANNOTATION_CREATED", 104, 4, {"gender": "male"}, "2024-05-02T10:00:00Z")
+    send("ANNOTATION_CREATED", 109, 9, {"gender": "female"}, "2024-05-02T10:00:00Z")
+    send("ANNOTATION_CREATED", 110, 10, {"gender": "male"}, "2024-05-02T10:00:00Z")
+    assert send("ANNOTATION_CREATED", 103, 3, {"gender": "male", "glasses": "yes"},
+                "2024-05-02T10:00:00Z")["changed"] == 0
+    assert send("ANNOTATION_UPDATED", 109, 9, {"gender": "male"}, "2024-05-02T09:00:00Z")["changed"] == 0
+    r = backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 108}],
+                                  "project": {"id": 1}})
+    assert r.json()["changed"] == 1
+
+    report = wait_for_report(backend, lambda rep: rep["attributes"]["gender"]["confirmed"] == 7
+                             and not rep["refit_queued"])
+    gender = report["attributes"]["gender"]
+    # Confirmed: male 1, 2, 3, 4, 10; female 7, 9 (8 deleted).
+    assert gender["confirmations"] == {"male": 5, "female": 2}
+    # Shown with a value and then confirmed: tasks 3, 4, 9, 10; kept as is: 3, 4, 9.
+    assert (gender["shown"], gender["accepted"]) == (4, 3) and gender["accepted_rate"] == 0.75
+    # Held out (2 stratified folds), clusters are named male (group 1) and female (group 2) from
+    # the other fold whatever the split, so only task 10 (a group-2 face confirmed "male") is wrong.
+    assert gender["chosen"] == "kmeans:2" and (gender["algo"], gender["k"]) == ("kmeans", 2)
+    assert gender["accuracy"] == pytest.approx(6 / 7)
+    assert gender["confusion_values"] == ["female", "male"] and gender["confusion"] == [[2, 0], [1, 4]]
+    assert gender["per_value"] == pytest.approx({"female": 1.0, "male": 0.8})
+    assert gender["balanced_accuracy"] == pytest.approx(0.9)
+    assert gender["majority_baseline"] == pytest.approx(5 / 7)
+    glasses = report["attributes"]["glasses"]
+    assert glasses["status"] == "collecting" and glasses["confirmations"] == {"yes": 1}
+    assert (glasses["shown"], glasses["accepted"]) == (0, 0)
+    # History, refit after refit: nothing confirmed, then 4 confirmations all right, then 7.
+    hist = gender["history"]
+    assert hist[0]["confirmations"] == 0 and hist[0]["accuracy"] is None
+    assert any(h["confirmations"] == 4 and h["accuracy"] == 1.0 for h in hist)
+    assert hist[-1]["confirmations"] == 7 and hist[-1]["accuracy"] == pytest.approx(6 / 7)
+    assert (hist[-1]["shown"], hist[-1]["accepted"]) == (4, 3)
+
+    page = backend.get("/report.html?project=1")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert page.text.count("<img") == 2 and "85.7%" in page.text
+    cli = subprocess.run([sys.executable, "-m", "backend.cli", "report", "--project", "1",
+                          "--redis", redis_url, "--html", str(tmp_path / "r.html")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "3/4 (75.0%)" in cli.stdout and "85.7%" in cli.stdout and "kmeans k=2" in cli.stdout
+    assert (tmp_path / "r.html").read_text().count("<img") == 2
+
+
+def test_unknown_projects_and_actions(backend, redis_conn):
+    assert backend.get("/report?project=999").status_code == 404
+    r = backend.post("/webhook", {"action": "TASKS_CREATED", "tasks": [], "project": {"id": 1}})
+    assert r.status_code == 200 and r.json()["ignored"] == 1
+    assert backend.post("/webhook", {"annotation": {}}).status_code == 400
+    r = backend.post("/predict", {"tasks": [ls_task(1, "x.jpg")], "project": "77.1"})
+    assert r.status_code == 400 and "not set up" in r.json()["error"]
