@@ -82,8 +82,10 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         s.settimeout(0.5)
         if s.connect_ex((host, port)) == 0:
             return True
-    # Nothing answers, but something may hold the port without listening yet: try to bind it.
+    # Nothing answers, but something may hold the port without listening yet: try to bind it
+    # (SO_REUSEADDR, as servers do: connections of a stopped run in TIME_WAIT are no conflict).
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

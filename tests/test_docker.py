@@ -115,6 +115,9 @@ def test_dockerfile_builds_dlib_with_blas_once(dockerfile):
     stages = re.findall(r"^FROM (\S+)", dockerfile, re.M)
     assert len(stages) == 2 and all(s.startswith("python:3.11-slim") for s in stages)
     assert "libopenblas-dev" in dockerfile
-    assert "pip wheel --no-cache-dir --no-binary dlib" in dockerfile
+    assert "pip wheel --no-cache-dir --no-deps --no-binary dlib" in dockerfile
+    setup = (DOCKER.parent / "scripts" / "setup.sh").read_text()
+    version = re.search(r"DLIB_VERSION=\$\{SUBDISC_DLIB_VERSION:-([0-9.]+)\}", setup).group(1)
+    assert f"ARG DLIB_VERSION={version}" in dockerfile   # the same dlib as local installs
     assert "COPY --from=dlib /wheels" in dockerfile
     assert "DLIB_USE_BLAS" in dockerfile       # the build fails if BLAS was not picked up

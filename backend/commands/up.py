@@ -18,7 +18,8 @@ from pathlib import Path
 import redis as redis_lib
 
 from backend.cli import CommandError
-from backend.ls_setup import Provisioner, document_root_for, project_title
+from backend.model import PENDING_SUFFIX
+from backend.ls_setup import Provisioner, absolute, document_root_for, project_title
 from backend.stack import DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env
 from workers.cache import EmbeddingCache
 from workers.images import FetchSettings, ImageError, source_identity
@@ -65,7 +66,7 @@ def credentials(data_dir: Path) -> dict:
 
 
 def run(args) -> int:
-    folder = args.images.expanduser().resolve()
+    folder = absolute(args.images)
     root = document_root_for(folder)
     if args.workers < 1:
         raise CommandError("--workers must be at least 1")
@@ -147,7 +148,7 @@ class Progress:
             done = [r for r in results if r is not None]
             self.embedded += len(done)
             self.faces += sum(len(r.faces) for r in done)
-        posted = self.ls.count_tasks(self.project, with_predictions=True)
+        posted = self.ls.count_predicted(self.project, PENDING_SUFFIX)
         if posted != self.posted:
             self.posted, self.last_post = posted, time.monotonic()
         return self.embedded, self.posted
