@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 import subprocess
 import time
 import uuid
@@ -162,6 +163,138 @@ def test_every_task_gets_a_prediction_of_the_right_shape(predicted):
         with_faces += bool(boxes)
     # Most photos hold a detectable face; the two without one still got a (possibly empty) prediction.
     assert with_faces >= len(live.tasks) // 2, with_faces
+
+
+# --- a labeler at work -------------------------------------------------------------------------
+
+ATTRIBUTE = "gender"
+
+
+def report(live: Live) -> dict:
+    resp = requests.get(f"{live.backend_url}/report", params={"project": live.project}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def face_boxes(result: list[dict]) -> list[dict]:
+    return [r for r in result if r["type"] == "rectanglelabels"]
+
+
+def main_face(result: list[dict]) -> dict:
+    """The largest detected face: the person the photo's label is about."""
+    return max(face_boxes(result), key=lambda r: r["value"]["width"] * r["value"]["height"])
+
+
+def with_value(result: list[dict], box: dict, attribute: str, value: str) -> list[dict]:
+    """The labeler's result: the given one, with `attribute` of the face `box` set to `value`."""
+    kept = [r for r in result if not (r["id"] == box["id"] and r["from_name"] == attribute)]
+    geometry = {k: box["value"][k] for k in ("x", "y", "width", "height", "rotation") if k in box["value"]}
+    kept.append({"id": box["id"], "from_name": attribute, "to_name": "image", "type": "choices",
+                 "original_width": box["original_width"], "original_height": box["original_height"],
+                 "image_rotation": 0, "value": {**geometry, "choices": [value]}})
+    return kept
+
+
+def shown_values(result: list[dict], attribute: str) -> dict[str, str]:
+    """{face region id: value} the prediction showed for `attribute`."""
+    return {r["id"]: r["value"]["choices"][0] for r in result
+            if r["from_name"] == attribute and r["value"].get("choices")}
+
+
+def annotate(live: Live, task: int, result: list[dict]) -> None:
+    # Scores belong to predictions; a labeler's submission carries the regions and values only.
+    clean = [{k: v for k, v in r.items() if k != "score"} for r in result]
+    live.ls.ls.annotations.create(id=task, result=clean, project=live.project)
+
+
+def wait_for_refit(live: Live, confirmed: int) -> dict:
+    """The report once a refit has taken in `confirmed` confirmations of ATTRIBUTE."""
+    def settled():
+        r = report(live)
+        a = r["attributes"][ATTRIBUTE]
+        return r if a["confirmed"] == confirmed and not r["refit_queued"] else None
+    return wait_for(f"a refit over {confirmed} confirmations", settled, live, every=2)
+
+
+def test_confirmations_refit_and_report_match_a_hand_count(predicted):
+    live = predicted
+    values = config_choices(CONFIG_PATH.read_text())[ATTRIBUTE]
+    shown0 = {t: latest_prediction(live, t) for t in live.tasks}
+    faces = [t for t, p in shown0.items() if face_boxes(p["result"]) and live.tasks[t] in live.truth]
+    assert len(faces) >= 20, "too few photos with a detected face to label"
+    before = report(live)
+    version0 = before["model_version"]
+    assert before["attributes"][ATTRIBUTE]["confirmed"] == 0
+
+    # Round 1: nothing is named yet (boxes only); the labeler gives the main face its gender.
+    by_value = {v: [t for t in faces if live.truth[live.tasks[t]] == v] for v in sorted(values)}
+    first = [t for v in by_value for t in by_value[v][:5]]
+    confirmations = Counter()
+    for task in first:
+        result = shown0[task]["result"]
+        assert not shown_values(result, ATTRIBUTE), "a value was predicted before any confirmation"
+        value = live.truth[live.tasks[task]]
+        annotate(live, task, with_value(result, main_face(result), ATTRIBUTE, value))
+        confirmations[value] += 1
+    after_first = wait_for_refit(live, len(first))
+    named = after_first["attributes"][ATTRIBUTE]
+    assert named["status"] == "named", named
+    assert named["confirmations"] == dict(confirmations)
+    assert after_first["model_version"] != version0, "a refit that names clusters must bump the version"
+
+    # Round 2: Label Studio asks again (a new model_version); now genders are pre-annotated. The
+    # labeler accepts every other task as is and corrects the main face of the others.
+    live.ls.retrieve_predictions(live.project)
+    version1 = after_first["model_version"]
+    rest = [t for t in faces if t not in first]
+
+    def repredicted():
+        got = {t: latest_prediction(live, t) for t in rest}
+        return got if all(p["model_version"] == version1 for p in got.values()) else None
+    shown1 = wait_for(f"predictions of model {version1}", repredicted, live, every=2)
+    shown_count = accepted = corrected = 0
+    for n, task in enumerate(rest):
+        result = shown1[task]["result"]
+        shown = shown_values(result, ATTRIBUTE)
+        assert shown, f"no {ATTRIBUTE} predicted on task {task} after a refit that named it"
+        assert set(shown.values()) <= values
+        face = main_face(result)
+        if n % 2 == 0:
+            submitted = result                             # accepted as is
+        else:
+            wrong = shown.get(face["id"])
+            other = sorted(values - {wrong})[0]
+            submitted = with_value(result, face, ATTRIBUTE, other)
+            corrected += 1
+        annotate(live, task, submitted)
+        kept = shown_values(submitted, ATTRIBUTE)
+        shown_count += len(shown)
+        accepted += sum(kept.get(rid) == v for rid, v in shown.items())
+        confirmations.update(kept.values())
+    assert corrected and accepted
+
+    final = wait_for_refit(live, sum(confirmations.values()))
+    a = final["attributes"][ATTRIBUTE]
+    # The labeler's decisions, counted by hand.
+    assert final["annotations"] == len(first) + len(rest)
+    assert a["confirmations"] == dict(confirmations)
+    assert a["confirmed"] == sum(confirmations.values())
+    assert (a["shown"], a["accepted"]) == (shown_count, accepted)
+    assert a["accepted_rate"] == pytest.approx(accepted / shown_count)
+    # The refits and how the figures moved.
+    assert final["refits"] >= 2 and final["model_version"] not in (version0, None)
+    confirmed_by_refit = [h["confirmations"] for h in a["history"]]
+    assert len(first) in confirmed_by_refit and a["confirmed"] in confirmed_by_refit
+    # Accuracy: the held-out confusion matrix covers exactly the confirmed faces.
+    order = a["confusion_values"]
+    matrix = a["confusion"]
+    assert {v: sum(row) for v, row in zip(order, matrix)} == {v: confirmations.get(v, 0) for v in order}
+    total = sum(map(sum, matrix))
+    assert a["scored_faces"] == total == a["confirmed"]
+    assert a["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(order))) / total)
+    for i, v in enumerate(order):
+        if sum(matrix[i]):
+            assert a["per_value"][v] == pytest.approx(matrix[i][i] / sum(matrix[i]))
 
 
 # --- `subdisc up` ------------------------------------------------------------------------------
