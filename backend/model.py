@@ -30,7 +30,7 @@ from backend import runtime
 from backend.annotations import AnnotationError, parse_annotation
 from backend.confirmations import acceptance, confirmed_labels
 from backend.labeling_config import ConfigError, LabelingConfig, parse
-from backend.predictions import box_percent, build, empty
+from backend.predictions import box_percent, build, empty, pending
 from backend.project_model import Clusterings, ProjectModel, fit_project
 from backend.state import ProjectState
 from workers.cache import EmbeddingCache
@@ -69,11 +69,14 @@ def no_model_version(config: LabelingConfig) -> str:
 
 class SubdiscModel:
     def __init__(self, redis: redis_lib.Redis, queue_name: str | None = None,
-                 options: PipelineOptions | None = None, prior=None, batch_size: int = 8):
+                 options: PipelineOptions | None = None, prior=None, batch_size: int = 8,
+                 pipeline_fingerprint: str | None = None):
         self.redis = redis
         self.queue_name = queue_name or runtime.queue_name()
         self.options = options or runtime.pipeline_options()
-        self.fingerprint = fingerprint(self.options)
+        # Computing it hashes ~120 MB of model files: a job is handed the server's (the cache keys
+        # must agree between server and workers anyway).
+        self.fingerprint = pipeline_fingerprint or fingerprint(self.options)
         self.cache = EmbeddingCache(redis, self.fingerprint)
         self.prior = prior
         self.batch_size = batch_size
@@ -81,8 +84,10 @@ class SubdiscModel:
         self._models: dict[str, ProjectModel] = {}
 
     @classmethod
-    def from_env(cls, redis: redis_lib.Redis | None = None) -> "SubdiscModel":
-        return cls(redis or runtime.redis_from_env(), prior=runtime.load_prior())
+    def from_env(cls, redis: redis_lib.Redis | None = None,
+                 pipeline_fingerprint: str | None = None) -> "SubdiscModel":
+        return cls(redis or runtime.redis_from_env(), prior=runtime.load_prior(),
+                   pipeline_fingerprint=pipeline_fingerprint)
 
     # --- configs and models ------------------------------------------------------------------
     def config(self, xml: str) -> LabelingConfig:
@@ -182,17 +187,17 @@ class SubdiscModel:
         for (i, tid, _), result in zip(looked_up, cached):
             if result is not None and not result.ok:
                 errors[tid] = (result.error, result.message)
-        pending = [(i, tid) for (i, tid, _), r in zip(looked_up, cached) if r is None]
-        for i, _ in pending:
-            results[i] = empty(version + PENDING_SUFFIX)
-        if pending:
-            fresh = set(st.claim_pending([tid for _, tid in pending], PENDING_TTL))
-            todo = [(tid, registry[tid]["source"]) for _, tid in pending if tid in fresh]
+        waiting = [(i, tid) for (i, tid, _), r in zip(looked_up, cached) if r is None]
+        for i, _ in waiting:
+            results[i] = pending(version + PENDING_SUFFIX)
+        if waiting:
+            fresh = set(st.claim_pending([tid for _, tid in waiting], PENDING_TTL))
+            todo = [(tid, registry[tid]["source"]) for _, tid in waiting if tid in fresh]
             if todo:
                 from backend.predict_jobs import enqueue_predictions
 
                 enqueue_predictions(self.redis, self.queue_name, st.id, todo, self.options, fetch,
-                                    self.batch_size)
+                                    self.batch_size, self.fingerprint)
         st.remember_shown(shown)
         st.record_errors(errors)
         st.clear_errors(list(shown))

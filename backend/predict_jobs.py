@@ -34,7 +34,8 @@ def _run_key(project_id: str, run: str) -> str:
 
 def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str,
                         items: list[tuple[str, str]], options: PipelineOptions,
-                        fetch: FetchSettings, batch_size: int = 8) -> list:
+                        fetch: FetchSettings, batch_size: int = 8,
+                        pipeline_fingerprint: str | None = None) -> list:
     """Queue embedding + posting for (task id, source) pairs; returns the posting jobs."""
     queue = queue_for(redis, queue_name)
     embed_jobs = enqueue_embedding(queue, [source for _, source in items], options, fetch,
@@ -45,7 +46,7 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
     for n, job in enumerate(embed_jobs):
         task_ids = [tid for tid, _ in items[n * batch_size:(n + 1) * batch_size]]
         post_jobs.append(queue.enqueue(
-            post_batch, project_id, task_ids, run,
+            post_batch, project_id, task_ids, run, pipeline_fingerprint,
             depends_on=Dependency(jobs=[job], allow_failure=True, enqueue_at_front=True),
             # Immediate retries: interval retries would need workers started --with-scheduler,
             # and post_predictions already backs off between attempts at one POST.
@@ -57,7 +58,8 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
     return post_jobs
 
 
-def post_batch(project_id: str, task_ids: list[str], run: str | None = None) -> dict:
+def post_batch(project_id: str, task_ids: list[str], run: str | None = None,
+               pipeline_fingerprint: str | None = None) -> dict:
     """RQ job: predict a batch whose faces are cached and POST it to Label Studio."""
     from rq import get_current_job
 
@@ -65,7 +67,7 @@ def post_batch(project_id: str, task_ids: list[str], run: str | None = None) -> 
     from backend.refit import schedule_refit
 
     job = get_current_job()
-    model = SubdiscModel.from_env(job.connection if job is not None else None)
+    model = SubdiscModel.from_env(job.connection if job is not None else None, pipeline_fingerprint)
     summary = model.post_predictions(project_id, task_ids)
     if summary["retry"]:
         # Raise so RQ retries; tasks already posted with this version are skipped next time.

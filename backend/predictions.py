@@ -48,6 +48,15 @@ def empty(model_version: str) -> dict:
     return {"result": [], "score": 0.0, "model_version": model_version}
 
 
+def pending(model_version: str) -> dict:
+    """The placeholder for a task whose faces are still being computed (see backend.model).
+
+    No score (null): the Data Manager's prediction score is an average over a task's predictions,
+    and a placeholder must not pull down the real prediction that follows it.
+    """
+    return {"result": [], "score": None, "model_version": model_version}
+
+
 def _round(v: float) -> float:
     return round(float(v), 4)
 

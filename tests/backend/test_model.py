@@ -148,7 +148,7 @@ def test_uncached_tasks_are_queued_once_and_answered_as_pending(project, redis_c
     results = model.predict(tasks[:1] + new, 1)
     version = model.model_version(1)
     assert results[0]["model_version"] == version and results[0]["result"]
-    assert results[1] == {"result": [], "score": 0.0, "model_version": version + PENDING_SUFFIX}
+    assert results[1] == {"result": [], "score": None, "model_version": version + PENDING_SUFFIX}
     # Unreadable sources are answered (empty, current version) and the reason recorded.
     assert results[2] == results[3] == {"result": [], "score": 0.0, "model_version": version}
     errors = ProjectState(redis_conn, 1).errors()
