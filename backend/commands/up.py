@@ -8,10 +8,12 @@ Running it again on the same folder reuses the project, the Label Studio data an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def run(args) -> int:
     data_dir = args.data_dir.expanduser().resolve()
     creds = credentials(data_dir)
     ls_url = f"http://127.0.0.1:{args.ls_port}"
+    # The SDK logs every HTTP request at INFO: it would drown the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # SIGTERM (e.g. from a test or a service manager) stops the stack like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
@@ -95,14 +99,15 @@ def run(args) -> int:
             project = ls.provision(folder, backend_url, DEFAULT_CONFIG.read_text(),
                                    title=args.title or project_title(folder))
             say(f"Label Studio: {ls_url}/projects/{project.id}/data   "
-                f"login {creds['username']} / {creds['password']}   API token {creds['token']}")
+                f"login {creds['username']} / {creds['password']}   "
+                f"(API token in {data_dir / 'label-studio-login.json'})")
             say(f"backend: {backend_url}   report: {backend_url}/report.html   "
                 f"({'new' if project.created else 'existing'} project {project.id})")
             progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), root,
                                 PipelineOptions(fallback=args.fallback))
             asked = time.monotonic()
-            ls.retrieve_predictions(project.id)
-            done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout)
+            retrieve = Retrieve(ls, project.id)
+            done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout, retrieve)
             if args.exit_when_done:
                 say(progress.figures(asked, started))
                 return 0 if done else 1
@@ -118,6 +123,27 @@ def _interrupt(signum, frame):
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+class Retrieve(threading.Thread):
+    """"Retrieve predictions" in the background: Label Studio answers it only after storing what the
+    backend sent for every task (thousands of rows in SQLite take minutes), and progress is worth
+    showing meanwhile."""
+
+    def __init__(self, ls: Provisioner, project: int):
+        super().__init__(name="retrieve-predictions", daemon=True)
+        self.ls, self.project, self.error = ls, project, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.ls.retrieve_predictions(self.project)
+        except Exception as exc:   # reported by check() in the main thread
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise CommandError(f"\"Retrieve predictions\" failed: {self.error}")
 
 
 class Progress:
@@ -157,12 +183,14 @@ class Progress:
         return (f"photos embedded {self.embedded}/{self.photos}, faces {self.faces}, "
                 f"predictions posted {self.posted}/{self.photos}  ({time.monotonic() - since:.0f} s)")
 
-    def follow(self, stack: Stack, asked: float, exit_when_done: bool, stall_timeout: float) -> bool:
+    def follow(self, stack: Stack, asked: float, exit_when_done: bool, stall_timeout: float,
+               retrieve: "Retrieve") -> bool:
         """Show progress until every task has a prediction (then return if exit_when_done)."""
         tty = sys.stdout.isatty()
         shown, moved = None, time.monotonic()
         while True:
             stack.check_alive()
+            retrieve.check()
             state = self.poll()
             complete = self.posted >= self.photos
             if state != shown or complete:
