@@ -5,6 +5,7 @@ for Label Studio's /api/predictions and /data/upload (tests/backend/standin.py).
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -142,7 +143,7 @@ def test_health_auth_and_request_checks(backend):
     conn.putrequest("POST", "/webhook")
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Transfer-Encoding", "chunked")
-    conn.putheader("Authorization", requests.auth._basic_auth_str(*AUTH))
+    conn.putheader("Authorization", "Basic " + base64.b64encode(":".join(AUTH).encode()).decode())
     conn.endheaders()
     conn.send(b"2\r\n{}\r\n0\r\n\r\n")
     assert conn.getresponse().status == 411
