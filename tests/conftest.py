@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,7 @@ import numpy as np
 import pytest
 import redis as redis_lib
 
-ROOT = Path(__file__).resolve().parents[1]
-DEV_FACES = Path(os.environ.get("SUBDISC_DEV_FACES", ROOT.parent / "shared" / "faces" / "dev"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import DEV_FACES, ROOT, free_port
 
 
 @pytest.fixture(scope="session")

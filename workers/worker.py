@@ -6,11 +6,15 @@ this wrapper only adds the log line and preloads the default face models before 
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 
-from workers.pipeline import PipelineOptions, describe_dlib, get_pipeline
+from workers.pipeline import PipelineOptions, describe_dlib, fingerprint, get_pipeline
+
+#: Modules whose functions run as jobs on subdisc's queue.
+JOB_MODULES = ("workers.jobs", "backend.predict_jobs", "backend.refit")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,8 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("subdisc.worker").info("worker pid %d: %s", os.getpid(), describe_dlib())
-    # Load the models in the parent: forked work-horses inherit them instead of loading each job.
+    # Load in the parent what every job needs, so each forked work-horse inherits it instead of
+    # paying for it per job: the face models, the model files' digests (the cache fingerprint
+    # hashes ~120 MB), and the job modules of this queue.
     get_pipeline(PipelineOptions())
+    fingerprint(PipelineOptions())
+    for module in JOB_MODULES:
+        importlib.import_module(module)
     from rq.cli import main as rq_main
 
     argv = sys.argv[1:] if argv is None else argv

@@ -16,7 +16,7 @@ from backend.selection import Candidate, select
 from backend.state import ProjectState
 from workers.pipeline import PipelineOptions, fingerprint
 
-from conftest import TWO_ATTRIBUTES, group_vectors, ls_annotation, webhook
+from tests.backend.helpers import TWO_ATTRIBUTES, group_vectors, ls_annotation, webhook
 
 BOX = (20, 40, 120, 160)   # where CachedPhotos puts a photo's first face
 

@@ -26,8 +26,8 @@ from PIL import Image
 from backend.labeling_config import default_config_xml
 from workers.client import embed
 
-from conftest import TWO_ATTRIBUTES, group_vectors, ls_annotation, webhook
-from standin import StandInLabelStudio
+from tests.backend.helpers import TWO_ATTRIBUTES, group_vectors, ls_annotation, webhook
+from tests.backend.standin import StandInLabelStudio
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "1.1714000000"      # how Label Studio names a project: "<id>.<created timestamp>"
