@@ -25,8 +25,8 @@ from PIL import Image
 from backend import stack as stack_mod
 from backend.ls_setup import Provisioner, document_root_for
 from backend.model import PENDING_SUFFIX
-from conftest import DEV_FACES, free_port
-from e2e_photos import make_photos
+from tests.support import DEV_FACES, free_port
+from tests.e2e.e2e_photos import make_photos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
