@@ -103,10 +103,10 @@ def run(args) -> int:
                 f"(API token in {data_dir / 'label-studio-login.json'})")
             say(f"backend: {backend_url}   report: {backend_url}/report.html   "
                 f"({'new' if project.created else 'existing'} project {project.id})")
-            progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), root,
-                                PipelineOptions(fallback=args.fallback))
             asked = time.monotonic()
             retrieve = Retrieve(ls, project.id)
+            progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), root,
+                                PipelineOptions(fallback=args.fallback))
             done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout, retrieve)
             if args.exit_when_done:
                 say(progress.figures(asked, started))
