@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -21,7 +22,7 @@ import redis as redis_lib
 
 from backend.cli import CommandError
 from backend.model import PENDING_SUFFIX
-from backend.ls_setup import Provisioner, absolute, document_root_for, project_title
+from backend.ls_setup import IMAGE_REGEX, Provisioner, absolute, document_root_for, project_title
 from backend.stack import DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env
 from workers.cache import EmbeddingCache
 from workers.images import FetchSettings, ImageError, source_identity
@@ -105,7 +106,7 @@ def run(args) -> int:
                 f"({'new' if project.created else 'existing'} project {project.id})")
             asked = time.monotonic()
             retrieve = Retrieve(ls, project.id)
-            progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), root,
+            progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), folder,
                                 PipelineOptions(fallback=args.fallback))
             done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout, retrieve)
             if args.exit_when_done:
@@ -115,6 +116,13 @@ def run(args) -> int:
         say("stopped: every process started by subdisc up has ended")
         return 130
     return 0
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The files the local-files storage imports as tasks (recursive, IMAGE_REGEX)."""
+    pattern = re.compile(IMAGE_REGEX)
+    return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files
+                  if pattern.match(str(Path(d) / f)))
 
 
 def _interrupt(signum, frame):
@@ -147,22 +155,26 @@ class Retrieve(threading.Thread):
 
 
 class Progress:
-    """Photos embedded (read from the Redis cache) and predictions posted (read from Label Studio)."""
+    """Photos embedded (read from the Redis cache) and predictions posted (read from Label Studio).
 
-    def __init__(self, ls: Provisioner, project: int, redis: redis_lib.Redis, root: Path,
+    The photos are listed from disk, as the storage sync imported them: listing 7,000 tasks from
+    Label Studio while it stores predictions in SQLite can take minutes.
+    """
+
+    def __init__(self, ls: Provisioner, project: int, redis: redis_lib.Redis, folder: Path,
                  options: PipelineOptions):
         self.ls, self.project = ls, project
         self.cache = EmbeddingCache(redis, fingerprint(options))
-        settings = FetchSettings(local_files_root=str(root))
+        self.tasks = ls.count_tasks(project)
         self.pending: list[str] = []
-        self.photos = 0
-        for url in ls.task_images(project).values():
-            self.photos += 1
+        for path in image_files(folder):
             try:
-                self.pending.append(source_identity(url, settings))
+                # The identity the backend computes for "/data/local-files/?d=..." under the root.
+                self.pending.append(source_identity(str(path), FetchSettings()))
             except ImageError:
                 pass   # gone since the sync: it will get no vector, and is not waited for
-        self.embedded = self.photos - len(self.pending)
+        self.photos = len(self.pending)
+        self.embedded = 0
         self.faces = 0
         self.posted = 0
         self.last_post = None
@@ -181,7 +193,7 @@ class Progress:
 
     def line(self, since: float) -> str:
         return (f"photos embedded {self.embedded}/{self.photos}, faces {self.faces}, "
-                f"predictions posted {self.posted}/{self.photos}  ({time.monotonic() - since:.0f} s)")
+                f"predictions posted {self.posted}/{self.tasks}  ({time.monotonic() - since:.0f} s)")
 
     def follow(self, stack: Stack, asked: float, exit_when_done: bool, stall_timeout: float,
                retrieve: "Retrieve") -> bool:
@@ -192,7 +204,7 @@ class Progress:
             stack.check_alive()
             retrieve.check()
             state = self.poll()
-            complete = self.posted >= self.photos
+            complete = self.posted >= self.tasks
             if state != shown or complete:
                 moved = time.monotonic()
                 print(("\r" if tty else "") + self.line(asked), end="" if tty and not complete else "\n",
@@ -207,7 +219,7 @@ class Progress:
                     time.sleep(2)
             if exit_when_done and time.monotonic() - moved > stall_timeout:
                 say(f"\nno progress for {stall_timeout:.0f} s: "
-                    f"{self.photos - self.posted} photos still have no prediction")
+                    f"{self.tasks - self.posted} tasks still have no prediction")
                 return False
             time.sleep(1)
 
