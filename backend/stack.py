@@ -72,6 +72,9 @@ def label_studio_env(*, username: str, password: str, token: str, document_root:
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
         "LATEST_VERSION_CHECK": "false",
+        # Empty: no error reports to Label Studio's Sentry (it retries unreachable hosts every minute).
+        "SENTRY_DSN": "",
+        "FRONTEND_SENTRY_DSN": "",
     }
 
 
@@ -221,11 +224,15 @@ class Stack:
         self._wait("redis", lambda: client.ping(), timeout)
         return url
 
-    def start_workers(self, n: int, redis_url: str, queue: str, env: dict | None = None) -> None:
-        for i in range(n):
-            self.start(f"worker-{i + 1}", [sys.executable, "-m", "workers.worker",
-                                           *worker_args(redis_url, queue)],
+    def start_workers(self, n: int, redis_url: str, queue: str, env: dict | None = None,
+                      python: str = sys.executable) -> list[Child]:
+        """n RQ workers; `python` may be another interpreter (another dlib build, for benchmarks)."""
+        return [
+            self.start(f"worker-{i + 1}", [python, "-m", "workers.worker",
+                                    *worker_args(redis_url, queue)],
                        env={"PYTHONPATH": str(ROOT), "SUBDISC_REDIS_URL": redis_url, **(env or {})})
+            for i in range(n)
+        ]
 
     def start_backend(self, port: int, env: dict, workers: int = 2, timeout: float = 60) -> str:
         """The backend under gunicorn (`subdisc serve`); returns its URL once /health answers."""

@@ -5,8 +5,9 @@
 
 Prints, per interpreter (each may carry another dlib build) and worker count: images/s and faces/s
 on a cold cache, time per image on a warm cache (all hits), and the peak memory (PSS, so pages
-shared by fork are not counted twice) of each worker with its work-horse. Every run uses a fresh
-redis-server of its own on a free port, so runs never share a cache.
+shared by fork are not counted twice) of each worker with its work-horse. Every run starts a fresh
+stack (backend/stack.py: redis-server and workers, as `subdisc up` does) on a free port, so runs
+never share a cache.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from backend.stack import Stack  # noqa: E402
 from workers.client import embed  # noqa: E402
 from workers.pipeline import PipelineOptions  # noqa: E402
 
@@ -69,50 +71,33 @@ class MemoryWatch(threading.Thread):
 
 def run_once(python: str, n_workers: int, sources: list[str], options: PipelineOptions) -> dict:
     workdir = tempfile.mkdtemp(prefix="subdisc-bench-")
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no", "--dir", workdir],
-                              stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    conn = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            conn.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    workers = [subprocess.Popen([python, "-m", "workers.worker", "--url", url, "bench"], cwd=ROOT,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True) for _ in range(n_workers)]
-    try:
+    with Stack(workdir) as stack:
+        url = stack.start_redis(free_port(), workdir)
+        conn = redis.Redis.from_url(url)
+        workers = stack.start_workers(n_workers, url, "bench", python=python)
         # Wait until the workers have loaded their models, so start-up is not timed.
         while len(conn.smembers("rq:workers")) < n_workers:
+            stack.check_alive()
             time.sleep(0.1)
-        watch = MemoryWatch([w.pid for w in workers])
+        watch = MemoryWatch([w.proc.pid for w in workers])
         watch.start()
         cold = embed(sources, redis=conn, options=options, queue_name="bench", progress=False,
                      batch_size=8)
         watch.stop.set()
         warm = embed(sources, redis=conn, options=options, queue_name="bench", progress=False)
-        dlib = subprocess.run([python, "-c", "from workers.pipeline import describe_dlib as d; "
-                               "print(d().split(' -- ')[0])"], cwd=ROOT, env=env,
-                              capture_output=True, text=True).stdout.strip()
-        s = cold.summary
-        return {
-            "dlib": dlib, "workers": n_workers, "images": s["images"], "faces": s["faces"],
-            "errors": sum(s["errors"].values()), "seconds": s["seconds"],
-            "images_per_s": s["images"] / s["seconds"], "faces_per_s": s["faces"] / s["seconds"],
-            "hit_ms": 1000 * warm.summary["seconds"] / warm.summary["images"],
-            "peak_mb": max(watch.peak.values()) / 1024,
-        }
-    finally:
-        for w in workers:
-            w.kill()
-            w.wait()
-        server.terminate()
-        server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    dlib = subprocess.run([python, "-c", "from workers.pipeline import describe_dlib as d; "
+                           "print(d().split(' -- ')[0])"], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True).stdout.strip()
+    s = cold.summary
+    return {
+        "dlib": dlib, "workers": n_workers, "images": s["images"], "faces": s["faces"],
+        "errors": sum(s["errors"].values()), "seconds": s["seconds"],
+        "images_per_s": s["images"] / s["seconds"], "faces_per_s": s["faces"] / s["seconds"],
+        "hit_ms": 1000 * warm.summary["seconds"] / warm.summary["images"],
+        "peak_mb": max(watch.peak.values()) / 1024,
+    }
 
 
 def main() -> None:
