@@ -73,17 +73,19 @@ class AttributeModel:
 
 def fit_attribute(X, labels, attribute: str, algo: str = "kmeans", k: int = 2, runs: int = 5,
                   seed: int = 0, preprocess: str | None = "none",
-                  values: list[str] | None = None) -> AttributeModel:
+                  values: list[str] | None = None, **params) -> AttributeModel:
     """Cluster X (n, d) `runs` times (seeds seed..seed+runs-1), name each clustering from the
     labelled rows of `labels` (n,), and keep the run with the best training accuracy (the study's
-    choice of centroids). Unlabelled rows ("" / None) still shape the clusters."""
+    choice of centroids). Unlabelled rows ("" / None) still shape the clusters.
+    params: further clusterer arguments (e.g. parent_k=4 for algo="residual")."""
     labels = np.asarray(labels, object)
     if not is_labelled(labels).any():
         raise ValueError(f"no labelled rows for {attribute!r}")
     values = values or label_values(labels)
     best = None
     for run in range(runs):
-        clusterer = make_clusterer(algo, k, random_state=seed + run, preprocess=preprocess).fit(X)
+        clusterer = make_clusterer(algo, k, random_state=seed + run, preprocess=preprocess,
+                                   **params).fit(X)
         ids = clusterer.predict(X)
         names = name_clusters(ids, labels, clusterer.n_clusters,
                               centers=getattr(clusterer, "cluster_centers_", None), values=values)
@@ -92,6 +94,27 @@ def fit_attribute(X, labels, attribute: str, algo: str = "kmeans", k: int = 2, r
             best = (clusterer, names, s)
     clusterer, names, s = best
     return AttributeModel(attribute, algo, clusterer.n_clusters, clusterer, names, values, s)
+
+
+def candidates(algo: str, ks, n_values: int, levels=(1, 2, 4, 8)) -> list[tuple[str, int, dict]]:
+    """(algo, k, params) to try for one attribute: each k of `ks`, or for algo="residual" one
+    n_values-way split per level of the hierarchy (parent_k in `levels`)."""
+    if algo == "residual":
+        return [("residual", n_values, {"parent_k": p}) for p in levels]
+    return [(algo, int(k), {}) for k in ks]
+
+
+def select_attribute_model(X, labels, attribute: str, options: list[tuple[str, int, dict]],
+                           runs: int = 5, seed: int = 0, preprocess: str | None = "none",
+                           values: list[str] | None = None) -> AttributeModel:
+    """The best of several clusterings (algo, k, params) by training accuracy on the labelled rows
+    (ties: the earlier option, so list the simpler ones first)."""
+    best = None
+    for algo, k, params in options:
+        m = fit_attribute(X, labels, attribute, algo, k, runs, seed, preprocess, values, **params)
+        if best is None or m.train_scores.accuracy > best.train_scores.accuracy:
+            best = m
+    return best
 
 
 @dataclass

@@ -266,6 +266,53 @@ class ChineseWhispers(CentroidClusterer):
         return np.where(d2[np.arange(len(ids)), ids] <= self.threshold ** 2, ids, -1)
 
 
+class ResidualKMeans(CentroidClusterer):
+    """The next split down the hierarchy: K-Means within the groups of a parent clustering.
+
+    Fits K-Means with `parent_k` clusters (k-means++, the parent groups), subtracts from every vector
+    its parent group's centre, and clusters these residuals into `n_clusters`. The residuals keep
+    what varies inside every parent group, so with parent_k=2 on faces (the skin split) the next
+    split is gender, with parent_k=4 (skin x gender) it is age: one binary split per level, which a
+    handful of labels can name. parent_k=1 is plain K-Means on the centred vectors.
+    Fitted: parent_centers_ (parent_k, d), cluster_centers_ (n_clusters, d) in residual space.
+    """
+
+    _params = ("n_clusters", "parent_k", "n_init", "random_state", "preprocess")
+    _arrays = ("parent_centers_", "cluster_centers_", "variance_")
+
+    def __init__(self, n_clusters: int = 2, parent_k: int = 2, n_init: int = 10,
+                 random_state: int | None = None, preprocess: str | None = "none"):
+        super().__init__(n_clusters, preprocess)
+        self.parent_k = parent_k
+        self.n_init = n_init
+        self.random_state = random_state
+
+    def _residuals(self, Z: np.ndarray) -> np.ndarray:
+        parent = squared_distances(Z, self.parent_centers_).argmin(axis=1)
+        return Z - self.parent_centers_[parent]
+
+    def fit(self, X) -> "ResidualKMeans":
+        from sklearn.cluster import KMeans
+
+        X = _as_matrix(X)
+        pre = Preprocessor(self.preprocess).fit(X)
+        Z = pre.transform(X)
+        parent = KMeans(min(self.parent_k, len(Z)), n_init=self.n_init,
+                        random_state=self.random_state).fit(Z)
+        self.parent_centers_ = parent.cluster_centers_
+        # The residual step reuses CentroidClusterer.fit on residuals, then owns the preprocessing.
+        inner = KMeansClusterer(self.n_clusters, self.n_init, self.random_state)
+        inner.fit(self._residuals(Z))
+        self.cluster_centers_, self.variance_ = inner.cluster_centers_, inner.variance_
+        self.labels_, self.n_clusters = inner.labels_, inner.n_clusters
+        self.preprocessor_ = pre
+        return self
+
+    def _distances(self, X) -> np.ndarray:
+        Z = self.preprocessor_.transform(_as_matrix(X))
+        return squared_distances(self._residuals(Z), self.cluster_centers_)
+
+
 class GaussianMixtureClusterer(Clusterer):
     """A mixture of Gaussians fitted by EM, initialised by K-Means (the study's "MoG").
 
@@ -338,19 +385,23 @@ CLUSTERERS: dict[str, type[Clusterer]] = {
     "gmm": GaussianMixtureClusterer,
     "agglomerative": AgglomerativeClusterer,
     "cw": ChineseWhispers,
+    "residual": ResidualKMeans,
 }
 
 
 def make_clusterer(algo: str, k: int, random_state: int | None = None,
-                   preprocess: str | None = "none") -> Clusterer:
-    """A fresh clusterer by name (see CLUSTERERS); k is ignored by Chinese whispers."""
+                   preprocess: str | None = "none", **params) -> Clusterer:
+    """A fresh clusterer by name (see CLUSTERERS); k is ignored by Chinese whispers.
+
+    params: further constructor arguments of that class (e.g. parent_k for "residual").
+    """
     try:
         cls = CLUSTERERS[algo]
     except KeyError:
         raise ValueError(f"unknown clustering algorithm {algo!r}; known: {sorted(CLUSTERERS)}") from None
     if cls is ChineseWhispers:
-        return cls(preprocess=preprocess)
-    return cls(n_clusters=k, random_state=random_state, preprocess=preprocess)
+        return cls(preprocess=preprocess, **params)
+    return cls(n_clusters=k, random_state=random_state, preprocess=preprocess, **params)
 
 
 def clusterer_from_state(algo: str, params: dict, arrays: dict[str, np.ndarray]) -> Clusterer:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.centroids import CentroidModel, fit_attribute
+from backend.centroids import CentroidModel, candidates, select_attribute_model
 from backend.clustering import ChineseWhispers, make_clusterer
 from backend.scoring import (HierarchyLevel, Scores, Summary, apply_names, hierarchy, is_labelled,
                              label_values, name_clusters, score, summarise)
@@ -476,28 +476,27 @@ def holdout(X, labels_by_attribute: dict[str, np.ndarray], test_size: float = 0.
         for a, labels in labels_by_attribute.items():
             labels = np.asarray(labels, object)
             values = label_values(labels)
-            best = None
-            for k in ks:
-                m = fit_attribute(X[tr], labels[tr], a, algo, k, runs=runs, seed=seed,
-                                  preprocess=preprocess, values=values)
-                if best is None or m.train_scores.accuracy > best.train_scores.accuracy:
-                    best = m
+            best = select_attribute_model(X[tr], labels[tr], a, candidates(algo, ks, len(values)),
+                                          runs, seed, preprocess, values)
             names, _ = best.predict(X[te])
             attrs[a] = best
             train[algo][a] = best.train_scores
             test[algo][a] = score(labels[te], np.array(names, object), values)
-            chosen[algo][a] = best.k
+            chosen[algo][a] = best.clusterer.get_params().get("parent_k", best.k) if algo == "residual" \
+                else best.k
         models[algo] = CentroidModel(attrs, fingerprint)
     return HoldoutResult(test_size, len(tr), len(te), train, test, chosen, models)
 
 
 # --- supervised ceiling and label efficiency -----------------------------------------------------
 
-def supervised_ceiling(X, labels, folds: int = 5, seed: int = 0, C: float = 1.0) -> Scores:
+def supervised_ceiling(X, labels, folds: int = 5, seed: int = 0,
+                       Cs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)) -> Scores:
     """What the vectors hold at all: 5-fold cross-validated logistic regression (standardised
-    inputs) on the labelled rows, scored on every labelled row's out-of-fold prediction."""
+    inputs, its C chosen by an inner 3-fold search on each training fold only), scored on every
+    labelled row's out-of-fold prediction."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -506,11 +505,14 @@ def supervised_ceiling(X, labels, folds: int = 5, seed: int = 0, C: float = 1.0)
     y = labels[keep].astype(str)
     _, counts = np.unique(y, return_counts=True)
     folds = int(min(folds, counts.min()))
-    if folds < 2:
-        raise ValueError("the supervised ceiling needs at least 2 rows of every value")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
+    if folds < 2 or len(counts) < 2:
+        raise ValueError("the supervised ceiling needs at least 2 rows of each of 2+ values")
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    inner = max(2, min(3, int(counts.min() * (folds - 1) / folds)))
+    search = GridSearchCV(model, {"logisticregression__C": list(Cs)},
+                          cv=StratifiedKFold(inner, shuffle=True, random_state=seed))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    pred = cross_val_predict(model, np.asarray(X, np.float64)[keep], y, cv=cv)
+    pred = cross_val_predict(search, np.asarray(X, np.float64)[keep], y, cv=cv)
     return score(y, pred.astype(object), label_values(labels))
 
 
@@ -541,47 +543,71 @@ class EfficiencyResult:
 
 def label_efficiency(X, labels, ns=(2, 5, 10, 20, 50), draws: int = 10, ks=(None,),
                      algo: str = "kmeans", seed: int = 0, preprocess: str = "none",
-                     baselines: bool = True, attribute: str = "") -> EfficiencyResult:
+                     baselines: bool = True, attribute: str = "",
+                     levels=(1, 2, 4, 8)) -> EfficiencyResult:
     """Accuracy of clusters named from n random labelled faces, on all the other labelled faces.
 
-    ks: cluster counts to try (None = the number of values: one-to-one naming; larger = majority
-    naming, unlabelled clusters named after the nearest named centre). Draw d uses seed + d both
-    for the labels drawn and for the clustering.
+    Methods (curves keys):
+      "clusters k=K": `algo` with K clusters (ks; None = the number of values, named one-to-one;
+          larger = majority naming, unlabelled clusters named after the nearest named centre);
+      "hierarchy split": one split per level of the hierarchy (ResidualKMeans with parent_k in
+          `levels`), each named one-to-one; the n labels also pick the level that agrees with them
+          best (ties: the earlier, higher level). Empty `levels` leaves it out;
+      "prototypes" / "logreg" (baselines): nearest mean of the n labelled faces per value /
+          logistic regression on them (inputs standardised over all faces).
+    Draw d uses seed + d both for the labels drawn and for the clusterings.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
     X = np.asarray(X, np.float64)
     labels = np.asarray(labels, object)
     values = label_values(labels)
     labelled = np.flatnonzero(is_labelled(labels))
     curves: dict[str, dict[int, list[Scores]]] = {}
+
+    def add(method, n, s):
+        curves.setdefault(method, {}).setdefault(n, []).append(s)
+
     for d in range(draws):
-        rng = np.random.default_rng(seed + d)
-        order = rng.permutation(labelled)
+        order = np.random.default_rng(seed + d).permutation(labelled)
+        fitted = {}
         for kk in dict.fromkeys(k or len(values) for k in ks):
-            clusterer = make_clusterer(algo, kk, random_state=seed + d, preprocess=preprocess).fit(X)
-            ids = clusterer.predict(X)
-            centers = getattr(clusterer, "cluster_centers_", None)
-            for n in ns:
-                shown, rest = order[:n], order[n:]
-                known = np.full(len(X), None, object)
-                known[shown] = labels[shown]
-                names = name_clusters(ids, known, clusterer.n_clusters, centers, values=values)
-                s = score(labels[rest], apply_names(ids[rest], names), values)
-                curves.setdefault(f"clusters k={kk}", {}).setdefault(n, []).append(s)
+            fitted[f"clusters k={kk}"] = make_clusterer(algo, kk, random_state=seed + d,
+                                                        preprocess=preprocess).fit(X)
+        splits = [make_clusterer("residual", len(values), random_state=seed + d, preprocess=preprocess,
+                                 parent_k=p).fit(X) for p in levels]
+        for n in ns:
+            shown, rest = order[:n], order[n:]
+            known = np.full(len(X), None, object)
+            known[shown] = labels[shown]
+            for method, c in fitted.items():
+                ids = c.predict(X)
+                names = name_clusters(ids, known, c.n_clusters, getattr(c, "cluster_centers_", None),
+                                      values=values)
+                add(method, n, score(labels[rest], apply_names(ids[rest], names), values))
+            best = None
+            for c in splits:
+                ids = c.labels_
+                names = name_clusters(ids, known, c.n_clusters, values=values)
+                agree = score(labels[shown], apply_names(ids[shown], names), values).accuracy
+                if best is None or agree > best[0]:
+                    best = (agree, ids, names)
+            if best is not None:
+                add("hierarchy split", n, score(labels[rest], apply_names(best[1][rest], best[2]), values))
         if not baselines:
             continue
+        Z = StandardScaler().fit_transform(X)  # unlabelled faces may set the scale
         for n in ns:
             shown, rest = order[:n], order[n:]
             ys = labels[shown].astype(str)
             seen = sorted(set(ys))
             protos = np.stack([X[shown][ys == v].mean(0) for v in seen])
             pred = np.array(seen, object)[((X[rest, None, :] - protos[None]) ** 2).sum(-1).argmin(1)]
-            curves.setdefault("prototypes", {}).setdefault(n, []).append(score(labels[rest], pred, values))
+            add("prototypes", n, score(labels[rest], pred, values))
             if len(seen) > 1:
-                lr = LogisticRegression(max_iter=2000).fit(X[shown], ys)
-                pred = lr.predict(X[rest]).astype(object)
-            curves.setdefault("logreg", {}).setdefault(n, []).append(score(labels[rest], pred, values))
+                pred = LogisticRegression(max_iter=2000).fit(Z[shown], ys).predict(Z[rest]).astype(object)
+            add("logreg", n, score(labels[rest], pred, values))
     return EfficiencyResult(attribute, list(ns), draws, curves)
 
 

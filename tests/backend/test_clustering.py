@@ -31,6 +31,14 @@ def test_kmeans_four_clusters_are_skin_by_gender(planted):
     assert adjusted_rand_score(joint, ids) == 1.0
 
 
+@pytest.mark.parametrize("parent_k,attribute", [(1, "skin"), (2, "gender"), (4, "age_group")])
+def test_residual_split_follows_the_next_level_of_the_hierarchy(planted, parent_k, attribute):
+    X, labels = planted
+    c = make_clusterer("residual", 2, random_state=0, parent_k=parent_k).fit(X)
+    assert adjusted_rand_score(labels[attribute], c.predict(X)) == 1.0
+    assert np.array_equal(c.predict(X), c.labels_)
+
+
 def test_kmeans_soft_assignment_by_hand():
     # Centres 1 and 11; every point lies at squared distance 1 from its centre: s^2 = 1 / d = 1.
     X = np.array([[0.0], [2.0], [10.0], [12.0]])

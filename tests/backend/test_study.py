@@ -50,6 +50,9 @@ def test_holdout_centroids_classify_unseen_faces(planted):
         assert r.chosen_k[algo] == {"skin": 2, "gender": 4, "age_group": 8}
         assert all(r.test[algo][a].accuracy == 1.0 for a in labels)
         assert isinstance(r.models[algo], CentroidModel)
+    split = study.holdout(X, labels, test_size=0.25, algos=("residual",), ks=(2, 4), runs=1)
+    assert split.chosen_k["residual"] == {"skin": 1, "gender": 2, "age_group": 4}   # parent levels
+    assert all(split.test["residual"][a].accuracy == 1.0 for a in labels)
     # Stratified: every skin x gender x age group is in the test split.
     assert r.test["kmeans"]["skin"].per_value.keys() == {"dark", "pale"}
 
@@ -65,13 +68,24 @@ def test_supervised_ceiling_and_a_chance_level_attribute(planted):
 def test_label_efficiency_names_clusters_from_few_labels(planted):
     X, labels = planted
     eff = study.label_efficiency(X, labels["skin"], ns=(2, 10), draws=3, ks=(None, 8), attribute="skin")
-    assert set(eff.curves) == {"clusters k=2", "clusters k=8", "prototypes", "logreg"}
+    assert set(eff.curves) == {"clusters k=2", "clusters k=8", "hierarchy split", "prototypes", "logreg"}
     # Scored on everything but the n shown faces.
     assert all(s.n == len(X) - 10 for s in eff.curves["clusters k=2"][10])
     # Two clusters along skin need one label of each to be perfect; with 10 labels at k=8 some
     # clusters are unlabelled but named after the nearest named centre, which shares their skin.
     assert eff.mean("clusters k=2", 10) == 1.0
     assert eff.mean("clusters k=8", 10) == 1.0
+    assert eff.mean("hierarchy split", 10) == 1.0
+
+
+def test_labels_pick_the_level_of_the_hierarchy_that_splits_an_attribute(planted):
+    # Age is the third split: two clusters (k=2) follow skin, but the split within the skin x
+    # gender groups follows age, and 10 labels are enough to find that level and name it.
+    X, labels = planted
+    eff = study.label_efficiency(X, labels["age_group"], ns=(10,), draws=3, ks=(None,),
+                                 baselines=False, attribute="age_group")
+    assert eff.mean("clusters k=2", 10) == pytest.approx(0.5, abs=0.06)
+    assert eff.mean("hierarchy split", 10) == 1.0
 
 
 def identities_with_a_within_person_attribute(n_people=4, per_value=5, seed=0):
