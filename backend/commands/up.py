@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import redis as redis_lib
+from rq import Queue
+from rq.registry import StartedJobRegistry
 
 from backend.cli import CommandError
 from backend.model import PENDING_SUFFIX
@@ -111,11 +113,28 @@ def run(args) -> int:
             done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout, retrieve)
             if args.exit_when_done:
                 say(progress.figures(asked, started))
+                if done:
+                    # The last post queues a refit over all faces: let it finish, or the next run
+                    # starts with a half-done job that RQ can only retry.
+                    drain(stack, redis_lib.Redis.from_url(redis_url), "subdisc", args.stall_timeout)
                 return 0 if done else 1
     except KeyboardInterrupt:
         say("stopped: every process started by subdisc up has ended")
         return 130
     return 0
+
+
+def drain(stack: Stack, redis: redis_lib.Redis, queue_name: str, timeout: float) -> None:
+    """Wait until the workers have no queued or running job (at most `timeout` seconds)."""
+    queue = Queue(queue_name, connection=redis)
+    running = StartedJobRegistry(queue=queue)
+    deadline, told = time.monotonic() + timeout, False
+    while (left := queue.count + running.count) and time.monotonic() < deadline:
+        if not told:
+            say(f"waiting for the workers to finish {left} queued job(s) (the refit over all faces)")
+            told = True
+        stack.check_alive()
+        time.sleep(1)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -199,17 +218,20 @@ class Progress:
                retrieve: "Retrieve") -> bool:
         """Show progress until every task has a prediction (then return if exit_when_done)."""
         tty = sys.stdout.isatty()
-        shown, moved = None, time.monotonic()
+        # A terminal gets one line rewritten in place; a log file a line every 10 s at most.
+        every = 0 if tty else 10
+        shown, moved, printed = None, time.monotonic(), 0.0
         while True:
             stack.check_alive()
             retrieve.check()
             state = self.poll()
             complete = self.posted >= self.tasks
-            if state != shown or complete:
+            if state != shown:
                 moved = time.monotonic()
+            if complete or (state != shown and time.monotonic() - printed >= every):
                 print(("\r" if tty else "") + self.line(asked), end="" if tty and not complete else "\n",
                       flush=True)
-                shown = state
+                shown, printed = state, time.monotonic()
             if complete:
                 if exit_when_done:
                     return True
