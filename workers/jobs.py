@@ -110,7 +110,13 @@ def embed_batch(sources: list[str], options: dict | None = None, fetch: dict | N
     errors: Counter = Counter()
     faces = 0
     for source in sources:
-        result, how = embed_source(source, pipeline_options, fetch_settings, cache, retry_errors)
+        try:
+            result, how = embed_source(source, pipeline_options, fetch_settings, cache, retry_errors)
+        except redis_lib.RedisError:
+            raise  # may pass: RQ retries the job, and what was cached is not redone
+        except Exception as exc:  # a bug or a dlib failure on one photo must not sink the batch
+            log.exception("%s: the face pipeline failed", source)
+            result, how = ImageResult.failed("pipeline_error", f"{type(exc).__name__}: {exc}"), "error"
         how_counts[how] += 1
         faces += len(result.faces)
         if not result.ok:
