@@ -295,6 +295,10 @@ def test_confirmations_refit_and_report_match_a_hand_count(predicted):
     for i, v in enumerate(order):
         if sum(matrix[i]):
             assert a["per_value"][v] == pytest.approx(matrix[i][i] / sum(matrix[i]))
+    # The same figures as a page with plots.
+    page = requests.get(f"{live.backend_url}/report.html", params={"project": live.project}, timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert ATTRIBUTE in page.text and "data:image/png;base64," in page.text
 
 
 # --- `subdisc up` ------------------------------------------------------------------------------
