@@ -39,4 +39,8 @@ class CommandError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, not this __main__ copy: sub-commands raise
+    # backend.cli.CommandError, which must be the class main() catches.
+    from backend.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -34,7 +34,7 @@ DEFAULT_LS_VENV = Path(os.environ.get("SUBDISC_LS_VENV",
 
 #: `subdisc` in this interpreter, installed or not. Not `python -m backend.cli`: run as __main__ its
 #: CommandError would be a second class, and errors raised by other modules would show as tracebacks.
-SUBDISC = [sys.executable, "-c", "import sys; from backend.cli import main; sys.exit(main())"]
+SUBDISC = [sys.executable, "-m", "backend.cli"]
 
 
 class StackError(CommandError):

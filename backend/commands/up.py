@@ -42,7 +42,8 @@ def register(sub) -> None:
                    help="RQ workers computing face vectors (default: number of cores)")
     p.add_argument("--ls-port", type=int, default=8080, help="Label Studio port (default 8080)")
     p.add_argument("--backend-port", type=int, default=9090, help="backend port (default 9090)")
-    p.add_argument("--redis-port", type=int, default=6379, help="Redis port (default 6379)")
+    # Not 6379: Debian's redis-server package starts a system Redis there, which is not ours.
+    p.add_argument("--redis-port", type=int, default=6390, help="Redis port (default 6390)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help=f"Redis, Label Studio and log files (default {DEFAULT_DATA_DIR})")
     p.add_argument("--fallback", action="store_true",
