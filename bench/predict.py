@@ -2,8 +2,9 @@
 
     python bench/predict.py [--faces ../shared/faces/dev] [--n 1000] [--workers 1,2] [--repeat 50]
 
-Starts its own redis-server, the backend (`subdisc serve`, gunicorn) and a stand-in for Label
-Studio (tests/backend/standin.py), all on free ports. For each worker count, on a cold cache:
+Starts its own redis-server, the backend (`subdisc serve`, gunicorn) and workers through
+backend/stack.py (as `subdisc up` does), and a stand-in for Label Studio (tests/backend/standin.py),
+all on free ports. For each worker count, on a cold cache:
 one /predict with N LFW dev photos ("Retrieve predictions" on N tasks) and the time until the last
 prediction is POSTed to the stand-in's /api/predictions. After the first run the photos are cached,
 and /predict latency is measured for 1 and 100 cached tasks (p50, p99 over --repeat calls).
@@ -14,9 +15,7 @@ import argparse
 import csv
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,14 +23,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "backend"))
 
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import requests  # noqa: E402
 
 from backend.labeling_config import default_config_xml  # noqa: E402
-from standin import StandInLabelStudio  # noqa: E402
+from backend.stack import Stack  # noqa: E402
+from tests.backend.standin import StandInLabelStudio  # noqa: E402
 from workers.pipeline import describe_dlib  # noqa: E402
 
 PROJECT = "1.1714000000"
@@ -42,22 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start(cmd, env, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def stop(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def task(task_id: int, path: str) -> dict:
@@ -88,42 +71,27 @@ def main() -> int:
     config = default_config_xml()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
-    redis_port, backend_port = free_port(), free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SUBDISC_REDIS_URL=redis_url, SUBDISC_QUEUE=QUEUE)
+    env = {"SUBDISC_QUEUE": QUEUE}
+    # What the backend must not take from this shell: the bench is its own Label Studio.
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "SUBDISC_FALLBACK",
                  "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
-        env.pop(name, None)
-    procs = [start([shutil.which("redis-server"), "--port", str(redis_port), "--save", "",
-                    "--appendonly", "no", "--dir", str(tmp)], env, tmp / "redis.log")]
-    r = redis.Redis.from_url(redis_url)
-    for _ in range(100):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    procs.append(start([sys.executable, "-m", "backend.cli", "serve", "--port", str(backend_port),
-                        "--workers", "2", "--threads", "4"], env, tmp / "backend.log"))
-    url = f"http://127.0.0.1:{backend_port}"
-    http = requests.Session()
-    for _ in range(300):
-        try:
-            http.get(url + "/health", timeout=2)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    print(f"{describe_dlib()}; {os.cpu_count()} CPUs; backend: gunicorn 2 workers x 4 threads")
-
-    latency = None
-    try:
-        with StandInLabelStudio(token="bench") as ls:
-            for n_workers in [int(w) for w in args.workers.split(",")]:
-                r.flushdb()
-                ls.predictions.clear()
-                workers = [start([sys.executable, "-m", "workers.worker", "--url", redis_url, QUEUE],
-                                 env, tmp / f"worker{n_workers}-{i}.log") for i in range(n_workers)]
-                time.sleep(4)   # let them load the dlib models first: we time the work, not start-up
+        os.environ.pop(name, None)
+    with Stack(tmp) as stack, StandInLabelStudio(token="bench") as ls:
+        redis_url = stack.start_redis(free_port(), tmp / "redis")
+        env["SUBDISC_REDIS_URL"] = redis_url
+        url = stack.start_backend(free_port(), env, workers=2)
+        r = redis.Redis.from_url(redis_url)
+        http = requests.Session()
+        print(f"{describe_dlib()}; {os.cpu_count()} CPUs; backend: gunicorn 2 workers")
+        latency = None
+        for n_workers in [int(w) for w in args.workers.split(",")]:
+            r.flushdb()
+            ls.predictions.clear()
+            with Stack(tmp / f"workers-{n_workers}") as workers:
+                workers.start_workers(n_workers, redis_url, QUEUE, env)
+                while len(r.smembers("rq:workers")) < n_workers:  # models loaded: time the work only
+                    workers.check_alive()
+                    time.sleep(0.1)
                 http.post(url + "/setup", json={"project": PROJECT, "schema": config,
                                                 "hostname": ls.url, "access_token": "bench"})
                 tasks = [task(i + 1, p) for i, p in enumerate(paths)]
@@ -137,24 +105,20 @@ def main() -> int:
                 print(f"uncached, {n_workers} worker(s): /predict of {len(tasks)} tasks answered in "
                       f"{answered:.2f}s ({pending} pending); last of {len(got)} predictions posted "
                       f"after {last:.1f}s ({len(tasks) / last:.1f} tasks/s; {with_faces} with a face)")
-                stop(workers)
-                if latency is None:
-                    latency = {}
-                    for size in (1, 100):
-                        calls = []
-                        for rep in range(args.repeat):
-                            start_t = time.perf_counter()
-                            out = http.post(url + "/predict", json=body(tasks[rep:rep + size], config))
-                            calls.append(time.perf_counter() - start_t)
-                            assert out.status_code == 200 and not any(
-                                p["model_version"].endswith("+pending") for p in out.json()["results"])
-                        latency[size] = calls
-                        print(f"cached, {size} task(s): /predict p50 {percentile(calls, 50):.1f} ms, "
-                              f"p99 {percentile(calls, 99):.1f} ms over {len(calls)} calls")
-    finally:
-        stop(procs[1:])
-        stop(procs[:1])
-        shutil.rmtree(tmp, ignore_errors=True)
+            if latency is None:
+                latency = {}
+                for size in (1, 100):
+                    calls = []
+                    for rep in range(args.repeat):
+                        start_t = time.perf_counter()
+                        out = http.post(url + "/predict", json=body(tasks[rep:rep + size], config))
+                        calls.append(time.perf_counter() - start_t)
+                        assert out.status_code == 200 and not any(
+                            p["model_version"].endswith("+pending") for p in out.json()["results"])
+                    latency[size] = calls
+                    print(f"cached, {size} task(s): /predict p50 {percentile(calls, 50):.1f} ms, "
+                          f"p99 {percentile(calls, 99):.1f} ms over {len(calls)} calls")
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
