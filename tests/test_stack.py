@@ -13,7 +13,7 @@ import redis as redis_lib
 
 from backend import stack as stack_mod
 from backend.cli import main
-from conftest import free_port
+from tests.support import free_port
 
 
 def alive(pid: int) -> bool:
