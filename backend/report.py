@@ -208,7 +208,8 @@ def plot_confusions(extra) -> str:
     import matplotlib.pyplot as plt
 
     ks, attrs = extra.ks, extra.attributes
-    fig, axes = plt.subplots(len(ks), len(attrs), figsize=(2.6 * len(attrs), 2.4 * len(ks)), squeeze=False)
+    fig, axes = plt.subplots(len(ks), len(attrs), figsize=(2.8 * len(attrs), 2.8 * len(ks)), squeeze=False,
+                             layout="constrained")
     for i, k in enumerate(ks):
         for j, a in enumerate(attrs):
             s = extra.scores[k][a][0]
@@ -253,6 +254,7 @@ def plot_efficiency(eff) -> str:
     ax.plot(eff.ns, [eff.mean(next(iter(eff.curves)), n, "majority_baseline") for n in eff.ns],
             ls=":", color="grey", label="majority")
     ax.set_xscale("log")
+    ax.minorticks_off()  # else log-scale minor labels (3x10^0...) clutter the axis
     ax.set_xticks(eff.ns, [str(n) for n in eff.ns])
     ax.set_xlabel("labelled faces")
     ax.set_ylabel("accuracy on the rest")

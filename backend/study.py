@@ -143,7 +143,9 @@ def faces_from_vectors_file(rows: list[dict], images_dir, path) -> LabelledFaces
     resolved from the current directory), or else by the trailing path components (so a file
     written from another directory still matches).
     """
-    data = np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as npz:
+        # Read each array once: indexing an NpzFile decompresses the whole array on every access.
+        data = {name: npz[name] for name in npz.files}
     sources = [str(s) for s in data["source"]]
     by_abs: dict[str, list[int]] = {}
     for i, s in enumerate(sources):
@@ -165,7 +167,7 @@ def faces_from_vectors_file(rows: list[dict], images_dir, path) -> LabelledFaces
                 int(data["width"][idx[0]]), int(data["height"][idx[0]]))
 
     faces = _assemble(rows, images_dir, faces_for)
-    if "fingerprint" in data.files:
+    if "fingerprint" in data:
         faces.fingerprint = str(data["fingerprint"])
     return faces
 
@@ -247,22 +249,35 @@ def standardise(F: np.ndarray) -> np.ndarray:
     return (F - F.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
 
 
+#: The smile view: the mouth features a smile changes and speech does not (width, corner lift).
+#: Lip opening and mouth drop are left out: open-mouthed talking faces were the commonest false
+#: "happiness" with all six (see bench/STUDY_RESULTS.md).
+SMILE_FEATURES = ("mouth_width", "width_to_jaw", "corner_lift")
+
+VIEWS = ("vector", "mouth", "smile", "mouth-shape", "vector+mouth")
+
+
 def face_view(faces: LabelledFaces, view: str) -> np.ndarray:
     """The features of each face used for clustering: "vector" (128-D identity vector), "mouth"
-    (6 geometric features), "mouth-shape" (40-D aligned mouth), or "vector+mouth"."""
+    (6 geometric features), "smile" (3 of them, see SMILE_FEATURES), "mouth-shape" (40-D aligned
+    mouth), or "vector+mouth"."""
     if view == "vector":
         return faces.X.astype(np.float64)
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}: one of {', '.join(VIEWS)}")
     if faces.landmarks.shape[1] < 68:
         raise ValueError(f"view {view!r} needs the 68 landmarks")
     if view == "mouth":
         return mouth_features(faces.landmarks)
+    if view == "smile":
+        return mouth_features(faces.landmarks)[:, [MOUTH_FEATURES.index(f) for f in SMILE_FEATURES]]
     if view == "mouth-shape":
         return mouth_shape(faces.landmarks)
     if view == "vector+mouth":
         # Each block scaled to unit total variance, so neither drowns the other.
         V, M = faces.X.astype(np.float64), standardise(mouth_features(faces.landmarks))
         return np.hstack([V / np.sqrt(V.var(0).sum()), M / np.sqrt(M.shape[1])])
-    raise ValueError(f"unknown view {view!r}: vector, mouth, mouth-shape or vector+mouth")
+    raise AssertionError(view)
 
 
 # --- extra-class (Table 1) -----------------------------------------------------------------------

@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--intra", default="", metavar="SPEC",
                    help="intra-class comparisons, e.g. glasses,emotion=happiness/neutral")
     p.add_argument("--intra-view", type=_names, default=["vector"],
-                   help="face views for intra-class: vector, mouth, mouth-shape, vector+mouth")
+                   help="face views for intra-class: vector, mouth, smile, mouth-shape, vector+mouth")
     p.add_argument("--identity", default="identity",
                    help="identity column for intra-class, or 'cw' to find identities by Chinese whispers")
     p.add_argument("--min-per-value", type=int, default=3,
@@ -122,6 +122,9 @@ def run(args) -> int:
             raise CommandError(f"no column {name!r} in {args.labels} (columns: {', '.join(rows[0])})")
     if not args.attributes and not intra:
         raise CommandError("nothing to study: give --attributes and/or --intra")
+    unknown = [v for v in args.intra_view if v not in study.VIEWS]
+    if unknown:
+        raise CommandError(f"unknown --intra-view {', '.join(unknown)}: use {', '.join(study.VIEWS)}")
     if args.holdout is not None and not 0 < args.holdout < 1:
         raise CommandError("--holdout is the test share, between 0 and 1 (e.g. 0.3)")
 
