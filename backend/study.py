@@ -276,7 +276,7 @@ def face_view(faces: LabelledFaces, view: str) -> np.ndarray:
     if view == "vector+mouth":
         # Each block scaled to unit total variance, so neither drowns the other.
         V, M = faces.X.astype(np.float64), standardise(mouth_features(faces.landmarks))
-        return np.hstack([V / np.sqrt(V.var(0).sum()), M / np.sqrt(M.shape[1])])
+        return np.hstack([V / max(np.sqrt(V.var(0).sum()), 1e-12), M / np.sqrt(M.shape[1])])
     raise AssertionError(view)
 
 

@@ -262,3 +262,28 @@ def test_study_cli_end_to_end_on_real_photos(dev_faces, redis_url, redis_conn, t
     model = CentroidModel.load(tmp_path / "b" / "model-gmm.npz")
     names, scores = model.predict(np.load(vectors)["vectors"])["skin"]
     assert set(names) <= {"dark", "pale"} and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_smile_view_is_the_chosen_mouth_features():
+    faces = study.LabelledFaces(np.zeros((1, 128), np.float32), canonical_landmarks()[None].astype(np.float32),
+                                np.zeros((1, 4), np.int32), [{"path": "x"}])
+    np.testing.assert_allclose(study.face_view(faces, "smile")[0], [1.0, 0.5, 0.05], atol=1e-6)
+    assert study.face_view(faces, "vector+mouth").shape == (1, 134)
+    with pytest.raises(ValueError, match="unknown view 'nose'"):
+        study.face_view(faces, "nose")
+
+
+def test_study_cli_reports_user_errors(tmp_path, capsys):
+    from backend.cli import main
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,gender\na.jpg,male\n")
+    base = ["study", "--labels", str(labels), "--vectors", str(tmp_path / "v.npz")]
+    assert main(base + ["--attributes", "age"]) == 2
+    assert "no column 'age'" in capsys.readouterr().err
+    assert main(base + ["--attributes", "gender", "--where", "source=utk"]) == 2
+    assert "no column 'source'" in capsys.readouterr().err
+    assert main(base + ["--attributes", "gender"]) == 2
+    assert "no such vectors file" in capsys.readouterr().err
+    assert main(base + ["--intra", "gender", "--intra-view", "ears"]) == 2
+    assert "unknown --intra-view ears" in capsys.readouterr().err
