@@ -688,6 +688,7 @@ class StudyConfig:
     intra: list[IntraSpec] = field(default_factory=list)
     intra_views: list[str] = field(default_factory=lambda: ["vector"])
     identity: str = "identity"  # a label column, or "cw" for Chinese whispers on the vectors
+    cw_threshold: float = 0.6
     min_per_value: int = 3
     ceiling: bool = True
     efficiency: list[int] = field(default_factory=list)
@@ -759,7 +760,7 @@ def run_study(faces: LabelledFaces, config: StudyConfig, progress=None) -> Study
                 config.efficiency_draws, ks, config.algo, config.seed, config.preprocess,
                 attribute=a)
     if config.intra:
-        identities = (identities_by_chinese_whispers(faces.X) if config.identity == "cw"
+        identities = (identities_by_chinese_whispers(faces.X, config.cw_threshold) if config.identity == "cw"
                       else faces.column(config.identity))
         for spec in config.intra:
             for view in config.intra_views:

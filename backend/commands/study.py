@@ -60,6 +60,9 @@ def register(sub) -> None:
                    help="face views for intra-class: vector, mouth, smile, mouth-shape, vector+mouth")
     p.add_argument("--identity", default="identity",
                    help="identity column for intra-class, or 'cw' to find identities by Chinese whispers")
+    p.add_argument("--cw-threshold", type=float, default=0.6,
+                   help="Chinese whispers distance threshold (default dlib's 0.6; on thousands of "
+                        "photos 0.45 merges fewer people)")
     p.add_argument("--min-per-value", type=int, default=3,
                    help="intra-class: faces needed of each value per identity (default 3)")
     p.add_argument("--efficiency", type=_int_list, metavar="N,N,...",
@@ -134,7 +137,7 @@ def run(args) -> int:
     config = study.StudyConfig(
         attributes=args.attributes, ks=args.k, runs=args.runs, algo=args.cluster_algo,
         preprocess=args.preprocess, seed=args.seed, holdout=args.holdout, holdout_algos=args.algo,
-        intra=intra, intra_views=args.intra_view, identity=args.identity,
+        intra=intra, intra_views=args.intra_view, identity=args.identity, cw_threshold=args.cw_threshold,
         min_per_value=args.min_per_value, ceiling=not args.no_ceiling,
         efficiency=args.efficiency or [], efficiency_draws=args.draws)
     try:
