@@ -15,7 +15,7 @@ from collections import Counter
 
 from backend.confirmations import acceptance
 from backend.labeling_config import parse
-from backend.report import _clean, _png, format_html, format_text, pct
+from backend.report import json_safe, figure_png, format_html, format_text, pct
 from backend.state import ProjectState
 
 
@@ -57,7 +57,7 @@ def build(redis, project) -> dict:
             "history": [{"at": h["at"], "version": h["version"], **h["attributes"][name]}
                         for h in history if name in h.get("attributes", {})],
         }
-    return _clean({
+    return json_safe({
         "project": st.id, "model_version": meta.get("version"), "fitted": meta.get("fitted"),
         "faces": meta.get("n_faces", 0), "tasks": redis.hlen(st.key("tasks")),
         "annotations": len(entries), "label_stats": meta.get("label_stats", {}),
@@ -136,7 +136,7 @@ def plot_history(report: dict) -> str | None:
     conf.set_xlabel("refit")
     conf.set_ylabel("confirmed faces")
     acc.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_confusions(report: dict) -> str | None:
@@ -160,7 +160,7 @@ def plot_confusions(report: dict) -> str | None:
         ax.set_title(f"{name} ({pct(a['accuracy'])})", fontsize=9)
     fig.supxlabel("predicted (held out)")
     fig.supylabel("confirmed")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def render_html(report: dict) -> str:

@@ -178,7 +178,8 @@ def text_report(result) -> str:
 
 # --- plots ------------------------------------------------------------------------------------
 
-def _png(fig) -> str:
+def figure_png(fig) -> str:
+    """A matplotlib figure as a base64 PNG for an <img src="data:..."> (and the figure closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -201,7 +202,7 @@ def plot_accuracy(extra) -> str:
     ax.set_xticks(extra.ks)
     ax.set_ylim(0, 1.02)
     ax.legend()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_confusions(extra) -> str:
@@ -222,7 +223,7 @@ def plot_confusions(extra) -> str:
             ax.set_title(f"k={k} {a} ({pct(s.accuracy)})", fontsize=8)
     fig.supxlabel("predicted (run 1)")
     fig.supylabel("true")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_projection(X, cluster_ids, labels: dict[str, np.ndarray], k: int) -> str:
@@ -242,7 +243,7 @@ def plot_projection(X, cluster_ids, labels: dict[str, np.ndarray], k: int) -> st
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=6, markerscale=2, loc="best")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_efficiency(eff) -> str:
@@ -260,7 +261,7 @@ def plot_efficiency(eff) -> str:
     ax.set_ylabel("accuracy on the rest")
     ax.set_title(eff.attribute)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plots(result) -> list[tuple[str, str]]:
@@ -296,14 +297,14 @@ def _json_default(obj):
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
-def _clean(obj):
+def json_safe(obj):
     """NaN is not JSON: write null."""
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -337,6 +338,6 @@ def write_report(result, out_dir, title: str = "subdisc study") -> dict[str, Pat
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "study.md", "json": out / "study.json", "html": out / "study.html"}
     paths["markdown"].write_text(markdown_report(result, title))
-    paths["json"].write_text(json.dumps(_clean(result.to_dict()), indent=1, default=_json_default))
+    paths["json"].write_text(json.dumps(json_safe(result.to_dict()), indent=1, default=_json_default))
     paths["html"].write_text(html_report(result, title))
     return paths
