@@ -27,12 +27,13 @@ import numpy as np
 import redis as redis_lib
 
 from backend import runtime
-from backend.annotations import AnnotationError, parse_annotation
+from backend.annotations import parse_annotation
 from backend.confirmations import acceptance, confirmed_labels
 from backend.labeling_config import ConfigError, LabelingConfig, parse
 from backend.predictions import box_percent, build, empty, pending
 from backend.project_model import Clusterings, ProjectModel, fit_project
 from backend.state import ProjectState
+from workers import connection
 from workers.cache import EmbeddingCache
 from workers.images import ImageError, source_identity
 from workers.pipeline import PipelineOptions, fingerprint
@@ -72,7 +73,7 @@ class SubdiscModel:
                  options: PipelineOptions | None = None, prior=None, batch_size: int = 8,
                  pipeline_fingerprint: str | None = None):
         self.redis = redis
-        self.queue_name = queue_name or runtime.queue_name()
+        self.queue_name = queue_name or connection.queue_name()
         self.options = options or runtime.pipeline_options()
         # Computing it hashes ~120 MB of model files: a job is handed the server's (the cache keys
         # must agree between server and workers anyway).
@@ -86,7 +87,7 @@ class SubdiscModel:
     @classmethod
     def from_env(cls, redis: redis_lib.Redis | None = None,
                  pipeline_fingerprint: str | None = None) -> "SubdiscModel":
-        return cls(redis or runtime.redis_from_env(), prior=runtime.load_prior(),
+        return cls(redis or connection.redis_from_env(), prior=runtime.load_prior(),
                    pipeline_fingerprint=pipeline_fingerprint)
 
     # --- configs and models ------------------------------------------------------------------

@@ -19,6 +19,7 @@ from rq import Retry
 from rq.job import Dependency
 
 from workers.client import enqueue_embedding, queue_for
+from workers.connection import job_redis
 from workers.images import FetchSettings
 from workers.pipeline import PipelineOptions
 
@@ -61,13 +62,10 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
 def post_batch(project_id: str, task_ids: list[str], run: str | None = None,
                pipeline_fingerprint: str | None = None) -> dict:
     """RQ job: predict a batch whose faces are cached and POST it to Label Studio."""
-    from rq import get_current_job
-
     from backend.model import SubdiscModel
     from backend.refit import schedule_refit
 
-    job = get_current_job()
-    model = SubdiscModel.from_env(job.connection if job is not None else None, pipeline_fingerprint)
+    model = SubdiscModel.from_env(job_redis(), pipeline_fingerprint)
     summary = model.post_predictions(project_id, task_ids)
     if summary["retry"]:
         # Raise so RQ retries; tasks already posted with this version are skipped next time.

@@ -12,6 +12,7 @@ import redis as redis_lib
 from rq import Retry
 
 from backend.state import ProjectState
+from workers.connection import job_redis
 
 log = logging.getLogger(__name__)
 
@@ -19,22 +20,11 @@ log = logging.getLogger(__name__)
 REFIT_TIMEOUT = 3600
 
 
-def _connection() -> redis_lib.Redis:
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is not None:
-        return job.connection
-    from backend import runtime
-
-    return runtime.redis_from_env()
-
-
 def refit_project(project_id: str) -> dict:
     """RQ job: refit one project's model (see SubdiscModel.refit)."""
     from backend.model import SubdiscModel
 
-    redis = _connection()
+    redis = job_redis()
     st = ProjectState(redis, project_id)
     # From now on a new confirmation needs another refit: let the next webhook queue it.
     st.refit_started()

@@ -1,7 +1,6 @@
 """The backend's settings from the environment (one place, so server, jobs and CLI agree).
 
-    SUBDISC_REDIS_URL      Redis holding the cache, the project state and the RQ queue
-    SUBDISC_QUEUE          RQ queue of the workers (default "subdisc")
+    (SUBDISC_REDIS_URL and SUBDISC_QUEUE: workers/connection.py, shared with the workers)
     SUBDISC_DETECTOR, SUBDISC_UPSAMPLE, SUBDISC_FALLBACK   face pipeline (hog, 1, off)
     SUBDISC_PRIOR          a saved centroid model (`subdisc study ... --holdout`) naming clusters
                            before any confirmation
@@ -18,27 +17,11 @@ import functools
 import logging
 import os
 
-import redis as redis_lib
 
 from workers.images import FetchSettings
 from workers.pipeline import PipelineOptions
 
 log = logging.getLogger(__name__)
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def redis_url() -> str:
-    return os.environ.get("SUBDISC_REDIS_URL", DEFAULT_REDIS_URL)
-
-
-def redis_from_env() -> redis_lib.Redis:
-    return redis_lib.Redis.from_url(redis_url())
-
-
-def queue_name() -> str:
-    return os.environ.get("SUBDISC_QUEUE", "subdisc")
-
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -80,6 +80,13 @@ def label_studio_env(*, username: str, password: str, token: str, document_root:
 
 # --- ports -------------------------------------------------------------------------------------
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

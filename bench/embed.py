@@ -16,7 +16,6 @@ import csv
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,15 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from backend.stack import Stack  # noqa: E402
+from backend.stack import Stack, free_port  # noqa: E402
 from workers.client import embed  # noqa: E402
 from workers.pipeline import PipelineOptions  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pss_kb(pid: int) -> int:

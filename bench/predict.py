@@ -15,7 +15,6 @@ import argparse
 import csv
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -29,18 +28,12 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from backend.labeling_config import default_config_xml  # noqa: E402
-from backend.stack import Stack  # noqa: E402
+from backend.stack import Stack, free_port  # noqa: E402
 from tests.backend.standin import StandInLabelStudio  # noqa: E402
 from workers.pipeline import describe_dlib  # noqa: E402
 
 PROJECT = "1.1714000000"
 QUEUE = "bench-predict"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def task(task_id: int, path: str) -> dict:

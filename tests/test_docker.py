@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from backend import stack
-from workers.client import DEFAULT_QUEUE
+from workers.connection import DEFAULT_QUEUE
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

@@ -9,7 +9,6 @@ mid-batch loses nothing (RQ retries the job, and images done before the kill are
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 
@@ -19,12 +18,12 @@ from rq.job import Job, JobStatus
 from tqdm import tqdm
 
 from workers.cache import EmbeddingCache
+from workers.connection import queue_name as default_queue_name
 from workers.images import FetchSettings, ImageError, source_identity
 from workers.jobs import embed_batch, embed_source
 from workers.pipeline import PipelineOptions, fingerprint
 from workers.results import ImageResult
 
-DEFAULT_QUEUE = os.environ.get("SUBDISC_QUEUE", "subdisc")
 #: Seconds a batch may run per image before RQ stops it (the CNN detector on a big photo is slow).
 SECONDS_PER_IMAGE = 60
 #: How often a job is retried when its worker dies or Redis fails under it.
@@ -37,8 +36,9 @@ class Embeddings(dict):
     summary: dict
 
 
-def queue_for(redis: redis_lib.Redis, name: str = DEFAULT_QUEUE) -> Queue:
-    return Queue(name, connection=redis)
+def queue_for(redis: redis_lib.Redis, name: str | None = None) -> Queue:
+    """The workers' queue: `name`, else $SUBDISC_QUEUE, else "subdisc"."""
+    return Queue(name or default_queue_name(), connection=redis)
 
 
 def enqueue_embedding(queue: Queue, sources: list[str], options: PipelineOptions,
@@ -62,7 +62,7 @@ def enqueue_embedding(queue: Queue, sources: list[str], options: PipelineOptions
 def embed(sources: list[str], *, redis: redis_lib.Redis,
           options: PipelineOptions = PipelineOptions(), inline: bool = False,
           progress: bool = True, fetch: FetchSettings | None = None, retry_errors: bool = False,
-          queue_name: str = DEFAULT_QUEUE, batch_size: int = 8,
+          queue_name: str | None = None, batch_size: int = 8,
           timeout: float | None = None) -> Embeddings:
     """Faces for every source (cached, computed inline, or by RQ workers), in the order given.
 

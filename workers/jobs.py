@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections import Counter
 
 import redis as redis_lib
 
 from workers.cache import EmbeddingCache
+from workers.connection import job_redis
 from workers.images import FetchSettings, ImageError, decode, read_bytes, source_identity
 from workers.pipeline import PipelineOptions, fingerprint, get_pipeline
 from workers.results import ImageResult
@@ -28,18 +28,6 @@ log = logging.getLogger(__name__)
 NETWORK_ATTEMPTS = 3
 #: Transient errors are cached only this long (seconds), so a host that was down is tried again later.
 TRANSIENT_ERROR_TTL = 600
-
-
-def redis_from_env() -> redis_lib.Redis:
-    return redis_lib.Redis.from_url(os.environ.get("SUBDISC_REDIS_URL", "redis://127.0.0.1:6379/0"))
-
-
-def _current_redis() -> redis_lib.Redis:
-    """The connection of the RQ job running this code, else one from SUBDISC_REDIS_URL."""
-    from rq import get_current_job
-
-    job = get_current_job()
-    return job.connection if job is not None else redis_from_env()
 
 
 def embed_source(source: str, options: PipelineOptions, fetch: FetchSettings,
@@ -105,7 +93,7 @@ def embed_batch(sources: list[str], options: dict | None = None, fetch: dict | N
     started = time.perf_counter()
     pipeline_options = PipelineOptions.from_dict(options)
     fetch_settings = FetchSettings.from_env(**(fetch or {}))
-    cache = EmbeddingCache(redis or _current_redis(), fingerprint(pipeline_options))
+    cache = EmbeddingCache(redis or job_redis(), fingerprint(pipeline_options))
     how_counts: Counter = Counter()
     errors: Counter = Counter()
     faces = 0

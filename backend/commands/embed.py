@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
 import redis as redis_lib
 
 from backend.cli import CommandError
+from workers.connection import queue_name, redis_url
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -51,9 +51,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_connection_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis", default=os.environ.get("SUBDISC_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    p.add_argument("--redis", default=redis_url(),
                    help="Redis URL (default $SUBDISC_REDIS_URL or redis://127.0.0.1:6379/0)")
-    p.add_argument("--queue", default=os.environ.get("SUBDISC_QUEUE", "subdisc"),
+    p.add_argument("--queue", default=queue_name(),
                    help="RQ queue of the workers (default 'subdisc')")
 
 
