@@ -69,21 +69,22 @@ def main() -> int:
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "SUBDISC_FALLBACK",
                  "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
         os.environ.pop(name, None)
-    with Stack(tmp) as stack, StandInLabelStudio(token="bench") as ls:
-        redis_url = stack.start_redis(free_port(), tmp / "redis")
-        env["SUBDISC_REDIS_URL"] = redis_url
-        url = stack.start_backend(free_port(), env, workers=2)
-        r = redis.Redis.from_url(redis_url)
-        http = requests.Session()
-        print(f"{describe_dlib()}; {os.cpu_count()} CPUs; backend: gunicorn 2 workers")
-        latency = None
+    latency = None
+    with StandInLabelStudio(token="bench") as ls:
         for n_workers in [int(w) for w in args.workers.split(",")]:
-            r.flushdb()
             ls.predictions.clear()
-            with Stack(tmp / f"workers-{n_workers}") as workers:
-                workers.start_workers(n_workers, redis_url, QUEUE, env)
+            # A fresh stack per run (Redis, backend, workers): runs share no cache and no state.
+            with Stack(tmp / f"run-{n_workers}") as stack:
+                redis_url = stack.start_redis(free_port(), tmp / f"run-{n_workers}" / "redis")
+                env["SUBDISC_REDIS_URL"] = redis_url
+                url = stack.start_backend(free_port(), env, workers=2)
+                r = redis.Redis.from_url(redis_url)
+                http = requests.Session()
+                if latency is None:
+                    print(f"{describe_dlib()}; {os.cpu_count()} CPUs; backend: gunicorn 2 workers")
+                stack.start_workers(n_workers, redis_url, QUEUE, env)
                 while len(r.smembers("rq:workers")) < n_workers:  # models loaded: time the work only
-                    workers.check_alive()
+                    stack.check_alive()
                     time.sleep(0.1)
                 http.post(url + "/setup", json={"project": PROJECT, "schema": config,
                                                 "hostname": ls.url, "access_token": "bench"})
@@ -97,20 +98,21 @@ def main() -> int:
                 with_faces = sum(bool(p["result"]) for p in got)
                 print(f"uncached, {n_workers} worker(s): /predict of {len(tasks)} tasks answered in "
                       f"{answered:.2f}s ({pending} pending); last of {len(got)} predictions posted "
-                      f"after {last:.1f}s ({len(tasks) / last:.1f} tasks/s; {with_faces} with a face)")
-            if latency is None:
-                latency = {}
-                for size in (1, 100):
-                    calls = []
-                    for rep in range(args.repeat):
-                        start_t = time.perf_counter()
-                        out = http.post(url + "/predict", json=body(tasks[rep:rep + size], config))
-                        calls.append(time.perf_counter() - start_t)
-                        assert out.status_code == 200 and not any(
-                            p["model_version"].endswith("+pending") for p in out.json()["results"])
-                    latency[size] = calls
-                    print(f"cached, {size} task(s): /predict p50 {percentile(calls, 50):.1f} ms, "
-                          f"p99 {percentile(calls, 99):.1f} ms over {len(calls)} calls")
+                      f"after {last:.1f}s ({len(tasks) / last:.1f} tasks/s; {with_faces} with a face)",
+                      flush=True)
+                if latency is None:
+                    latency = {}
+                    for size in (1, 100):
+                        calls = []
+                        for rep in range(args.repeat):
+                            start_t = time.perf_counter()
+                            out = http.post(url + "/predict", json=body(tasks[rep:rep + size], config))
+                            calls.append(time.perf_counter() - start_t)
+                            assert out.status_code == 200 and not any(
+                                p["model_version"].endswith("+pending") for p in out.json()["results"])
+                        latency[size] = calls
+                        print(f"cached, {size} task(s): /predict p50 {percentile(calls, 50):.1f} ms, "
+                              f"p99 {percentile(calls, 99):.1f} ms over {len(calls)} calls", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
