@@ -88,7 +88,7 @@ class SubdiscModel:
     def from_env(cls, redis: redis_lib.Redis | None = None,
                  pipeline_fingerprint: str | None = None) -> "SubdiscModel":
         return cls(redis or connection.redis_from_env(), prior=runtime.load_prior(),
-                   pipeline_fingerprint=pipeline_fingerprint)
+                   batch_size=runtime.batch_size(), pipeline_fingerprint=pipeline_fingerprint)
 
     # --- configs and models ------------------------------------------------------------------
     def config(self, xml: str) -> LabelingConfig:
@@ -256,8 +256,9 @@ class SubdiscModel:
         errors, shown, posted, failures, retry = {}, {}, 0, [], 0
         session = requests.Session()
         for tid, result in zip(ids, results):
-            if result is None:   # the embedding job failed for good
-                errors[tid] = ("job_failed", "the embedding job failed; see the worker's log")
+            if result is None:   # embedded a moment ago, yet not in the cache (evicted by Redis?)
+                errors[tid] = ("not_cached", "no embedding in the cache after the job; see the "
+                                             "worker's log and Redis' maxmemory policy")
                 prediction = empty(version)
             elif not result.ok:
                 errors[tid] = (result.error, result.message)

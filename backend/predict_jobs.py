@@ -2,12 +2,18 @@
 
     enqueue_predictions(redis, queue_name, project_id, [(task_id, source), ...], options, fetch)
 
-For each batch of photos: an embedding job (workers.client.enqueue_embedding) and a dependent job
-that, once the faces are cached, builds the batch's predictions and POSTs them to Label Studio's
-/api/predictions. The dependent job runs even if the embedding failed for good (it then posts an
-empty result and records why), and goes to the front of the queue so predictions appear while the
-rest is still embedding. When the last batch of a request is posted, a refit is queued so the model
-covers all the new faces.
+One RQ job per batch of photos (`predict_batch`) embeds the batch into the cache (the workers'
+`embed_batch`, called in-process) and then POSTs the batch's predictions to Label Studio's
+/api/predictions, so predictions appear batch by batch while the rest is still embedding.
+
+Why one job and not an embedding job plus a dependent posting job: RQ 3.0 moves a finished job's
+dependents through a shared "ready" registry, and when two workers drain it at once one of them can
+skip a dependent, which then waits for RQ's maintenance pass (every 10 minutes). On "Retrieve
+predictions" over 1,000 tasks with 2 workers that left a few batches unposted. A single job has
+nothing to link; a retry (Redis trouble, an unreachable Label Studio) redoes nothing that was
+cached or posted.
+
+When the last batch of a request is posted, a refit is queued so the model covers all new faces.
 """
 from __future__ import annotations
 
@@ -16,17 +22,19 @@ import uuid
 
 import redis as redis_lib
 from rq import Retry
-from rq.job import Dependency
 
-from workers.client import enqueue_embedding, queue_for
+from workers.client import SECONDS_PER_IMAGE, queue_for
 from workers.connection import job_redis
 from workers.images import FetchSettings
+from workers.jobs import embed_batch
 from workers.pipeline import PipelineOptions
 
 log = logging.getLogger(__name__)
 
 #: Seconds the remaining-batches counter of one request lives.
 RUN_TTL = 7 * 24 * 3600
+#: Seconds a batch may spend posting its predictions (post_predictions backs off per POST).
+POST_SECONDS = 600
 
 
 def _run_key(project_id: str, run: str) -> str:
@@ -37,41 +45,48 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
                         items: list[tuple[str, str]], options: PipelineOptions,
                         fetch: FetchSettings, batch_size: int = 8,
                         pipeline_fingerprint: str | None = None) -> list:
-    """Queue embedding + posting for (task id, source) pairs; returns the posting jobs."""
+    """Queue one `predict_batch` job per `batch_size` (task id, source) pairs; returns the jobs."""
     queue = queue_for(redis, queue_name)
-    embed_jobs = enqueue_embedding(queue, [source for _, source in items], options, fetch,
-                                   batch_size=batch_size)
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
     run = uuid.uuid4().hex[:12]
-    redis.set(_run_key(project_id, run), len(embed_jobs), ex=RUN_TTL)
-    post_jobs = []
-    for n, job in enumerate(embed_jobs):
-        task_ids = [tid for tid, _ in items[n * batch_size:(n + 1) * batch_size]]
-        post_jobs.append(queue.enqueue(
-            post_batch, project_id, task_ids, run, pipeline_fingerprint,
-            depends_on=Dependency(jobs=[job], allow_failure=True, enqueue_at_front=True),
+    redis.set(_run_key(project_id, run), len(batches), ex=RUN_TTL)
+    jobs = []
+    for batch in batches:
+        jobs.append(queue.enqueue(
+            predict_batch, project_id, [tid for tid, _ in batch], [src for _, src in batch],
+            options.to_dict(), fetch.to_dict(), run, pipeline_fingerprint,
+            job_timeout=SECONDS_PER_IMAGE * len(batch) + POST_SECONDS,
             # Immediate retries: interval retries would need workers started --with-scheduler,
             # and post_predictions already backs off between attempts at one POST.
-            job_timeout=600, retry=Retry(max=2),
+            retry=Retry(max=2),
             result_ttl=3600, failure_ttl=7 * 24 * 3600,
-            description=f"post predictions of {len(task_ids)} tasks (project {project_id})"))
+            description=f"predict {len(batch)} tasks (project {project_id})"))
     log.info("project %s: %d tasks queued in %d batches (run %s)", project_id, len(items),
-             len(embed_jobs), run)
-    return post_jobs
+             len(batches), run)
+    return jobs
 
 
-def post_batch(project_id: str, task_ids: list[str], run: str | None = None,
-               pipeline_fingerprint: str | None = None) -> dict:
-    """RQ job: predict a batch whose faces are cached and POST it to Label Studio."""
+def predict_batch(project_id: str, task_ids: list[str], sources: list[str], options: dict,
+                  fetch: dict, run: str | None = None,
+                  pipeline_fingerprint: str | None = None) -> dict:
+    """RQ job: embed a batch of tasks' photos into the cache, then POST their predictions.
+
+    Only Redis errors and a transient Label Studio failure escape (RQ then retries the job);
+    a photo that cannot be read or has no face is posted as an empty result with its reason.
+    """
     from backend.model import SubdiscModel
     from backend.refit import schedule_refit
 
-    model = SubdiscModel.from_env(job_redis(), pipeline_fingerprint)
+    redis = job_redis()
+    embedded = embed_batch(sources, options, fetch, redis=redis)
+    model = SubdiscModel.from_env(redis, pipeline_fingerprint)
     summary = model.post_predictions(project_id, task_ids)
+    summary["embedding"] = embedded
     if summary["retry"]:
         # Raise so RQ retries; tasks already posted with this version are skipped next time.
         raise RuntimeError(f"{summary['retry']} predictions not posted yet: {summary['failures'][0]}")
     if run is not None:
-        if model.redis.decr(_run_key(project_id, run)) == 0:
-            model.redis.delete(_run_key(project_id, run))
-            summary["refit"] = schedule_refit(model.redis, model.queue_name, project_id)
+        if redis.decr(_run_key(project_id, run)) == 0:
+            redis.delete(_run_key(project_id, run))
+            summary["refit"] = schedule_refit(redis, model.queue_name, project_id)
     return summary

@@ -9,6 +9,8 @@
                            because Label Studio's own idea of its address ("localhost:8080") is often
                            wrong from inside another container
     SUBDISC_MAX_BODY_MB    request body limit (default 64)
+    SUBDISC_BATCH_SIZE     photos per worker job on "Retrieve predictions" (default 8): smaller
+                           batches post their first predictions sooner, larger ones cost less overhead
     BASIC_AUTH_USER, BASIC_AUTH_PASS   if both set, every route asks for them
 """
 from __future__ import annotations
@@ -46,6 +48,13 @@ def fetch_settings(settings: dict | None) -> FetchSettings:
     Label Studio's address and token as in label_studio_target."""
     url, token = label_studio_target(settings)
     return FetchSettings.from_env(label_studio_url=url, label_studio_token=token)
+
+
+def batch_size() -> int:
+    value = int(os.environ.get("SUBDISC_BATCH_SIZE", "8"))
+    if value < 1:
+        raise ValueError(f"SUBDISC_BATCH_SIZE must be at least 1, not {value}")
+    return value
 
 
 def max_body_bytes() -> int:

@@ -154,7 +154,9 @@ def test_uncached_tasks_are_queued_once_and_answered_as_pending(project, redis_c
     errors = ProjectState(redis_conn, 1).errors()
     assert errors["51"]["error"] == "not_found" and errors["52"]["error"] == "no_image"
     queue = Queue("subdisc-test", connection=redis_conn)
-    assert len(queue) == 1 and len(queue.deferred_job_registry) == 1   # embed, then post
+    assert len(queue) == 1                                   # one job: embed, then post
+    assert queue.jobs[0].func_name == "backend.predict_jobs.predict_batch"
+    assert queue.jobs[0].args[1:3] == (["50"], [str(tmp_path / "new.jpg")])
     model.predict(new[:1], 1)
     assert len(queue) == 1   # still in flight: not queued twice
 

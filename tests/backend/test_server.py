@@ -8,9 +8,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,17 +28,12 @@ from workers.client import embed
 
 from tests.backend.helpers import TWO_ATTRIBUTES, group_vectors, ls_annotation, webhook
 from tests.backend.standin import StandInLabelStudio
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "1.1714000000"      # how Label Studio names a project: "<id>.<created timestamp>"
 AUTH = ("labelstudio", "s3cret")
 BOX = (20, 40, 120, 160)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Backend:
@@ -64,35 +59,45 @@ class Backend:
                                       "params": {"login": None, "password": None, "context": None}})
 
 
-@pytest.fixture(scope="module")
-def backend(redis_url):
-    """`subdisc serve` on a free port, with Basic auth and a 1 MB body limit."""
+@contextlib.contextmanager
+def serve(redis_url, **settings):
+    """`subdisc serve` on a free port, with Basic auth, a 1 MB body limit and `settings` (env)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), SUBDISC_REDIS_URL=redis_url,
                SUBDISC_QUEUE="subdisc-test", BASIC_AUTH_USER=AUTH[0], BASIC_AUTH_PASS=AUTH[1],
                SUBDISC_MAX_BODY_MB="1")
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "SUBDISC_FALLBACK",
-                 "SUBDISC_LOCAL_FILES_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"):
+                 "SUBDISC_LOCAL_FILES_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT",
+                 "SUBDISC_BATCH_SIZE"):
         env.pop(name, None)
+    env.update(settings)
     log = Path(tempfile.mkstemp(prefix="subdisc-serve-", suffix=".log")[1])
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port),
                              "--workers", "1", "--threads", "4"],
                             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    server = Backend(f"http://127.0.0.1:{port}", log)
-    for _ in range(300):
-        try:
-            if server.get("/health").status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            pytest.fail("the server exited:\n" + log.read_text())
-    else:
-        pytest.fail("the server did not start:\n" + log.read_text())
-    yield server
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(20)
+    try:
+        server = Backend(f"http://127.0.0.1:{port}", log)
+        for _ in range(300):
+            try:
+                if server.get("/health").status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                pytest.fail("the server exited:\n" + log.read_text())
+        else:
+            pytest.fail("the server did not start:\n" + log.read_text())
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def backend(redis_url):
+    with serve(redis_url) as server:
+        yield server
 
 
 def ls_task(task_id, image, project=1):
@@ -229,6 +234,35 @@ def test_predict_uncached_tasks_posts_them_to_label_studio(backend, redis_conn, 
         assert [len(rectangles(p)) for p in again] == [1, 3, 0, 0]
         assert all(p["model_version"] == version for p in again)
     assert backend.get("/report?project=1").json()["errors"]["truncated"] == 1
+
+
+def test_every_task_of_a_big_retrieve_is_posted_once(redis_url, redis_conn, rq_workers, tmp_path):
+    """Hundreds of one-photo jobs racing on two workers: none may be left behind.
+
+    RQ 3.0 could strand the dependent job of an embedding job when two workers finished at once
+    (it waited for RQ's 10-minute maintenance); this many small, fast jobs hit that every time.
+    """
+    config = default_config_xml()
+    rng = np.random.default_rng(3)
+    tasks = []
+    for n in range(300):    # small distinct photos without a face: each job takes milliseconds
+        path = tmp_path / f"p{n}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        tasks.append(ls_task(1000 + n, str(path)))
+    rq_workers.start(2)
+    with serve(redis_url, SUBDISC_BATCH_SIZE="1") as server, \
+            StandInLabelStudio(token="tok-9") as ls:
+        assert server.setup(config, hostname=ls.url, token="tok-9").status_code == 200
+        r = server.predict(tasks, config)
+        assert r.status_code == 200 and len(r.json()["results"]) == 300
+        try:
+            ls.wait_for(300, timeout=240)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{rq_workers.output()[-3000:]}") from None
+        time.sleep(1)
+        posted = sorted(p["task"] for p in ls.predictions)
+        assert posted == [t["id"] for t in tasks]     # every task, each once
+        assert all(p["result"] == [] for p in ls.predictions)
 
 
 def wait_for_report(backend, condition, timeout=60):
