@@ -274,6 +274,18 @@ class Stack:
             time.sleep(0.3)
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end this process like Ctrl-C, so `with Stack(...)` still stops its children.
+
+    (Python's default for SIGTERM exits at once, leaving every child running.)
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _ignore_interrupts() -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from backend.stack import Stack, free_port  # noqa: E402
+from backend.stack import Stack, free_port, stop_on_sigterm  # noqa: E402
 from workers.client import embed  # noqa: E402
 from workers.pipeline import PipelineOptions  # noqa: E402
 
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--python", action="append", help="interpreter(s) to run workers with")
     parser.add_argument("--fallback", action="store_true", default=True)
     args = parser.parse_args()
+    stop_on_sigterm()   # a killed bench stops its Redis and workers too
     labels = args.faces / "labels.csv"
     if not labels.exists():
         sys.exit(f"no labelled photos at {args.faces} (give --faces DIR)")

@@ -28,7 +28,7 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from backend.labeling_config import default_config_xml  # noqa: E402
-from backend.stack import Stack, free_port  # noqa: E402
+from backend.stack import Stack, free_port, stop_on_sigterm  # noqa: E402
 from tests.backend.standin import StandInLabelStudio  # noqa: E402
 from workers.pipeline import describe_dlib  # noqa: E402
 
@@ -56,7 +56,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000, help="uncached tasks per run (default 1000)")
     ap.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
     ap.add_argument("--repeat", type=int, default=50, help="cached /predict calls per size")
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="seconds to wait for all predictions of a run (default 1800)")
     args = ap.parse_args()
+    stop_on_sigterm()   # a killed bench stops its Redis, backend and workers too
     rows = [r for r in csv.DictReader((args.faces / "labels.csv").open()) if r["source"] == "lfw"]
     paths = [str((args.faces / r["path"]).resolve()) for r in rows][: args.n]
     if len(paths) < args.n:
@@ -71,11 +74,13 @@ def main() -> int:
         os.environ.pop(name, None)
     latency = None
     with StandInLabelStudio(token="bench") as ls:
-        for n_workers in [int(w) for w in args.workers.split(",")]:
+        for run, n_workers in enumerate(int(w) for w in args.workers.split(",")):
             ls.predictions.clear()
-            # A fresh stack per run (Redis, backend, workers): runs share no cache and no state.
-            with Stack(tmp / f"run-{n_workers}") as stack:
-                redis_url = stack.start_redis(free_port(), tmp / f"run-{n_workers}" / "redis")
+            # A fresh stack per run (Redis, backend, workers) in its own folder: runs share no
+            # cache and no state (Redis keeps its data on disk, so one folder would carry it over).
+            workdir = tmp / f"run-{run}-{n_workers}-workers"
+            with Stack(workdir) as stack:
+                redis_url = stack.start_redis(free_port(), workdir / "redis")
                 env["SUBDISC_REDIS_URL"] = redis_url
                 url = stack.start_backend(free_port(), env, workers=2)
                 r = redis.Redis.from_url(redis_url)
@@ -93,13 +98,16 @@ def main() -> int:
                 resp = http.post(url + "/predict", json=body(tasks, config), timeout=100)
                 answered = time.time() - t0
                 pending = sum(p["model_version"].endswith("+pending") for p in resp.json()["results"])
-                got = ls.wait_for(len(tasks), timeout=3600)
+                got = ls.wait_for(len(tasks), timeout=args.timeout)
+                first = min(p["_received"] for p in got) - t0
                 last = max(p["_received"] for p in got) - t0
                 with_faces = sum(bool(p["result"]) for p in got)
+                # Every task exactly once: a lost or doubled batch would be a bug, not a figure.
+                assert sorted(p["task"] for p in got) == [t["id"] for t in tasks], "tasks lost or doubled"
                 print(f"uncached, {n_workers} worker(s): /predict of {len(tasks)} tasks answered in "
-                      f"{answered:.2f}s ({pending} pending); last of {len(got)} predictions posted "
-                      f"after {last:.1f}s ({len(tasks) / last:.1f} tasks/s; {with_faces} with a face)",
-                      flush=True)
+                      f"{answered:.2f}s ({pending} pending); first prediction posted after "
+                      f"{first:.1f}s, last of {len(got)} after {last:.1f}s "
+                      f"({len(tasks) / last:.1f} tasks/s; {with_faces} with a face)", flush=True)
                 if latency is None:
                     latency = {}
                     for size in (1, 100):

@@ -3,6 +3,7 @@ process a child started (its whole group), and only those."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,3 +78,25 @@ def test_redis_is_append_only_and_a_dead_child_is_reported(tmp_path):
         time.sleep(0.5)
         with pytest.raises(stack_mod.StackError, match=r"short-lived stopped \(exit code 3\)"):
             stack.check_alive()
+
+
+def test_sigterm_to_a_stack_owner_stops_its_children(tmp_path):
+    """A bench or `subdisc up` killed with SIGTERM must not leave its Redis and workers behind."""
+    owner = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(stack_mod.ROOT)!r})
+from backend.stack import Stack, stop_on_sigterm
+stop_on_sigterm()
+with Stack({str(tmp_path / 'logs')!r}) as stack:
+    child = stack.start("sleeper", ["sleep", "300"])
+    print(child.proc.pid, flush=True)
+    time.sleep(300)
+"""], stdout=subprocess.PIPE, text=True)
+    child_pid = int(owner.stdout.readline())
+    assert alive(child_pid)
+    owner.send_signal(signal.SIGTERM)
+    owner.wait(30)
+    deadline = time.monotonic() + 10
+    while alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child_pid)

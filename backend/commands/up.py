@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -25,7 +24,8 @@ from rq.registry import StartedJobRegistry
 from backend.cli import CommandError
 from backend.model import PENDING_SUFFIX
 from backend.ls_setup import IMAGE_REGEX, Provisioner, absolute, document_root_for, project_title
-from backend.stack import DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env
+from backend.stack import (DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env,
+                           stop_on_sigterm)
 from workers.cache import EmbeddingCache
 from workers.images import FetchSettings, ImageError, source_identity
 from workers.pipeline import PipelineOptions, fingerprint
@@ -84,7 +84,7 @@ def run(args) -> int:
     # The SDK logs every HTTP request at INFO: it would drown the progress lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # SIGTERM (e.g. from a test or a service manager) stops the stack like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     started = time.monotonic()
     try:
         with Stack(data_dir / "logs") as stack:
@@ -143,10 +143,6 @@ def image_files(folder: Path) -> list[Path]:
     pattern = re.compile(IMAGE_REGEX)
     return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files
                   if pattern.match(str(Path(d) / f)))
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def say(text: str) -> None:
