@@ -9,12 +9,13 @@ pre-annotations, correcting others), and we check the backend's report against o
 from __future__ import annotations
 
 import os
+import re
 import signal
-from collections import Counter
 import subprocess
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -319,8 +320,10 @@ def marked_processes(marker: str) -> list[int]:
 
 
 def embedding_jobs(data_dir: Path) -> int:
-    """Embedding jobs the workers ran (rq logs each job's description, ours say "embed N images")."""
-    return sum(log.read_text(errors="replace").count(": embed ")
+    """Jobs the workers ran that embed photos: rq logs each job's description when it starts, ours
+    say "embed N images" (subdisc embed) or "predict N tasks" (embed, then post to Label Studio)."""
+    started = re.compile(r": (embed \d+ images|predict \d+ tasks) .*\([0-9a-f-]{36}\)$", re.M)
+    return sum(len(started.findall(log.read_text(errors="replace")))
                for log in (data_dir / "logs").glob("worker-*.log"))
 
 
