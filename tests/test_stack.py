@@ -92,11 +92,15 @@ with Stack({str(tmp_path / 'logs')!r}) as stack:
     print(child.proc.pid, flush=True)
     time.sleep(300)
 """], stdout=subprocess.PIPE, text=True)
-    child_pid = int(owner.stdout.readline())
-    assert alive(child_pid)
-    owner.send_signal(signal.SIGTERM)
-    owner.wait(30)
-    deadline = time.monotonic() + 10
-    while alive(child_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(child_pid)
+    try:
+        child_pid = int(owner.stdout.readline())
+        assert alive(child_pid)
+        owner.send_signal(signal.SIGTERM)
+        owner.wait(30)
+        deadline = time.monotonic() + 10
+        while alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child_pid)
+    finally:
+        owner.kill()
+        owner.wait()
