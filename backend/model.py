@@ -236,8 +236,13 @@ class SubdiscModel:
         return self.redis.hlen(st.key("tasks")) >= 2 * max(model.n_tasks, 1)
 
     # --- the async path's second half ----------------------------------------------------------
-    def post_predictions(self, project, task_ids: list[str]) -> dict:
-        """Predict tasks whose faces the workers just computed and POST them to Label Studio."""
+    def post_predictions(self, project, task_ids: list[str], last_attempt: bool = False) -> dict:
+        """Predict tasks whose faces the workers just computed and POST them to Label Studio.
+
+        A POST that failed in a way that may pass counts in "retry" (the caller tries again later),
+        unless this is the `last_attempt`: then, like any other failure, it is recorded as the
+        task's error (the report lists it; the next "Retrieve predictions" asks for it again).
+        """
         import requests
 
         from backend.labelstudio import LabelStudioError, post_prediction
@@ -256,6 +261,7 @@ class SubdiscModel:
         errors, shown, posted, failures, retry = {}, {}, 0, [], 0
         session = requests.Session()
         for tid, result in zip(ids, results):
+            seen = None    # what the labeler will see, once it is in Label Studio
             if result is None:   # embedded a moment ago, yet not in the cache (evicted by Redis?)
                 errors[tid] = ("not_cached", "no embedding in the cache after the job; see the "
                                              "worker's log and Redis' maxmemory policy")
@@ -264,22 +270,28 @@ class SubdiscModel:
                 errors[tid] = (result.error, result.message)
                 prediction = empty(version)
             else:
-                prediction, shown[tid] = build(result, next(faces_iter), config, version)
+                prediction, seen = build(result, next(faces_iter), config, version)
             if posted_before.get(tid) == version:
-                continue   # a retried job: this one is in Label Studio already
-            if url is None:
+                pass   # a retried job: this one is in Label Studio already
+            elif url is None:
                 failures.append(f"task {tid}: no Label Studio URL (set LABEL_STUDIO_URL)")
+                errors[tid] = ("post_failed", failures[-1])
                 continue
-            try:
-                _with_backoff(lambda: post_prediction(url, token, tid, prediction, session=session))
-            except LabelStudioError as exc:
-                failures.append(str(exc))
-                retry += int(exc.transient)
-                if not exc.transient:
-                    errors[tid] = ("post_failed", str(exc))
             else:
+                try:
+                    _with_backoff(lambda: post_prediction(url, token, tid, prediction,
+                                                          session=session))
+                except LabelStudioError as exc:
+                    failures.append(str(exc))
+                    if exc.transient and not last_attempt:
+                        retry += 1
+                    else:
+                        errors[tid] = ("post_failed", str(exc))
+                    continue
                 st.mark_posted(tid, version)
                 posted += 1
+            if seen is not None:
+                shown[tid] = seen
         st.remember_shown(shown)
         st.record_errors(errors)
         st.clear_errors(list(shown))

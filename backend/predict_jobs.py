@@ -21,7 +21,7 @@ import logging
 import uuid
 
 import redis as redis_lib
-from rq import Retry
+from rq import Retry, get_current_job
 
 from workers.client import SECONDS_PER_IMAGE, queue_for
 from workers.connection import job_redis
@@ -71,8 +71,9 @@ def predict_batch(project_id: str, task_ids: list[str], sources: list[str], opti
                   pipeline_fingerprint: str | None = None) -> dict:
     """RQ job: embed a batch of tasks' photos into the cache, then POST their predictions.
 
-    Only Redis errors and a transient Label Studio failure escape (RQ then retries the job);
-    a photo that cannot be read or has no face is posted as an empty result with its reason.
+    Only Redis errors and a transient Label Studio failure escape (RQ then retries the job, at
+    most twice; on the last attempt a POST that still fails is recorded as the task's error).
+    A photo that cannot be read or has no face is posted as an empty result with its reason.
     """
     from backend.model import SubdiscModel
     from backend.refit import schedule_refit
@@ -80,7 +81,11 @@ def predict_batch(project_id: str, task_ids: list[str], sources: list[str], opti
     redis = job_redis()
     embedded = embed_batch(sources, options, fetch, redis=redis)
     model = SubdiscModel.from_env(redis, pipeline_fingerprint)
-    summary = model.post_predictions(project_id, task_ids)
+    job = get_current_job()
+    # On the last attempt, a POST still failing is recorded per task instead of raised, so the
+    # request's refit still comes and the report says which tasks have no prediction and why.
+    last_attempt = job is None or not job.retries_left
+    summary = model.post_predictions(project_id, task_ids, last_attempt=last_attempt)
     summary["embedding"] = embedded
     if summary["retry"]:
         # Raise so RQ retries; tasks already posted with this version are skipped next time.

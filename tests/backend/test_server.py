@@ -266,6 +266,29 @@ def test_every_task_of_a_big_retrieve_is_posted_once(redis_url, redis_conn, rq_w
         assert all(p["result"] == [] for p in ls.predictions)
 
 
+def test_a_label_studio_that_stays_down_costs_a_recorded_error_not_a_lost_task(backend, photos,
+                                                                                rq_workers):
+    config = default_config_xml()
+    rq_workers.start(1)
+    with StandInLabelStudio(token="tok-5", fail_first=10**6) as ls:    # answers 503, always
+        assert backend.setup(config, hostname=ls.url, token="tok-5").status_code == 200
+        before = backend.get("/report?project=1").json()["errors"].get("post_failed", 0)
+        task = ls_task(61, str(photos["one"]))
+        assert backend.predict([task], config).json()["results"][0]["model_version"].endswith(
+            "+pending")
+        # 3 tries per job attempt, 3 attempts (2 RQ retries); then the task's error is recorded.
+        wait_for_report(backend, lambda r: r["errors"].get("post_failed", 0) == before + 1,
+                        timeout=120)
+        posts = [r for r in ls.requests if r[:2] == ("POST", "/api/predictions")]
+        assert len(posts) == 9 and ls.predictions == []
+
+        # Nothing was lost: the face is cached, so the next "Retrieve predictions" gets it in the
+        # answer itself, and the error is cleared.
+        again = backend.predict([task], config).json()["results"][0]
+        assert len(rectangles(again)) == 1 and not again["model_version"].endswith("+pending")
+        assert backend.get("/report?project=1").json()["errors"].get("post_failed", 0) == before
+
+
 def wait_for_report(backend, condition, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
