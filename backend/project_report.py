@@ -57,12 +57,32 @@ def build(redis, project) -> dict:
             "history": [{"at": h["at"], "version": h["version"], **h["attributes"][name]}
                         for h in history if name in h.get("attributes", {})],
         }
+    errors = st.errors()
     return json_safe({
         "project": st.id, "model_version": meta.get("version"), "fitted": meta.get("fitted"),
         "faces": meta.get("n_faces", 0), "tasks": redis.hlen(st.key("tasks")),
         "annotations": len(entries), "label_stats": meta.get("label_stats", {}),
-        "errors": dict(Counter(e["error"] for e in st.errors().values())),
+        "errors": dict(Counter(e["error"] for e in errors.values())),
+        "error_examples": error_examples(errors),
         "refit_queued": st.refit_queued(), "refits": len(history), "attributes": attributes})
+
+
+def error_examples(errors: dict[str, dict], per_kind: int = 5) -> dict[str, list[dict]]:
+    """{error kind: its newest `per_kind` tasks as {"task", "message"}}: which photos to look at."""
+    out: dict[str, list[dict]] = {}
+    for task, e in sorted(errors.items(), key=lambda kv: kv[1].get("at", 0), reverse=True):
+        examples = out.setdefault(e["error"], [])
+        if len(examples) < per_kind:
+            examples.append({"task": task, "message": e.get("message")})
+    return out
+
+
+def errors_table(report: dict):
+    header = ["problem", "tasks", "for example (newest first)"]
+    rows = [[kind, str(n), "; ".join(f"task {x['task']}: {x['message']}"
+                                     for x in report["error_examples"].get(kind, []))]
+            for kind, n in sorted(report["errors"].items(), key=lambda kv: -kv[1])]
+    return header, rows
 
 
 def _named(report: dict):
@@ -110,8 +130,7 @@ def text(report: dict) -> str:
     if report["refits"]:
         parts += ["", "history", format_text(history_table(report))]
     if report["errors"]:
-        parts += ["", "photos without a prediction: "
-                  + ", ".join(f"{k} {v}" for k, v in report["errors"].items())]
+        parts += ["", "tasks without a full prediction", format_text(errors_table(report))]
     return "\n".join(parts)
 
 
@@ -177,6 +196,8 @@ def render_html(report: dict) -> str:
                         f"<figcaption>{caption}</figcaption></figure>")
     if report["refits"]:
         body += ["<h2>History</h2>", format_html(history_table(report))]
+    if report["errors"]:
+        body += ["<h2>Tasks without a full prediction</h2>", format_html(errors_table(report))]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
              "td,th{border:1px solid #ccc;padding:2px 6px}")

@@ -196,6 +196,12 @@ def test_predict_cached_tasks_several_faces_no_face_and_a_broken_photo(backend, 
     assert len({(b["value"]["x"], b["value"]["y"]) for b in rectangles(results[2])}) == 3
     report = backend.get("/report?project=1").json()
     assert report["errors"] == {"truncated": 1, "not_found": 1}
+    # Which tasks, and why: in the JSON and on the page.
+    assert [x["task"] for x in report["error_examples"]["truncated"]] == ["2"]
+    assert [x["task"] for x in report["error_examples"]["not_found"]] == ["5"]
+    assert "gone.jpg" in report["error_examples"]["not_found"][0]["message"]
+    page = backend.get("/report.html?project=1").text
+    assert "Tasks without a full prediction" in page and "task 5: " in page and "gone.jpg" in page
     assert report["tasks"] == 4 and report["faces"] == 4
 
 
