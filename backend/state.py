@@ -145,29 +145,31 @@ class ProjectState:
         return v.decode() if v is not None else None
 
     def load_model(self) -> tuple[bytes, dict] | None:
-        blob, meta = self.redis.mget([self.key("model"), self.key("model_meta")])
-        if blob is None or meta is None:
-            return None
-        return blob, json.loads(meta)
+        return self._load_blob("model")
 
     def save_model(self, blob: bytes, meta: dict) -> None:
         """Model, description and version together (readers never see a mix)."""
-        with self.redis.pipeline() as pipe:   # MULTI/EXEC
-            pipe.set(self.key("model"), blob)
-            pipe.set(self.key("model_meta"), json.dumps(meta))
-            pipe.set(self.key("model_version"), meta["version"])
-            pipe.execute()
+        self._save_blob("model", blob, meta, version=meta["version"])
 
     def load_clusterings(self) -> tuple[bytes, dict] | None:
-        blob, meta = self.redis.mget([self.key("clusterings"), self.key("clusterings_meta")])
+        return self._load_blob("clusterings")
+
+    def save_clusterings(self, blob: bytes, meta: dict) -> None:
+        self._save_blob("clusterings", blob, meta)
+
+    def _load_blob(self, name: str) -> tuple[bytes, dict] | None:
+        """(bytes, JSON description) stored under `name` and `name`_meta, or None."""
+        blob, meta = self.redis.mget([self.key(name), self.key(f"{name}_meta")])
         if blob is None or meta is None:
             return None
         return blob, json.loads(meta)
 
-    def save_clusterings(self, blob: bytes, meta: dict) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.set(self.key("clusterings"), blob)
-            pipe.set(self.key("clusterings_meta"), json.dumps(meta))
+    def _save_blob(self, name: str, blob: bytes, meta: dict, version: str | None = None) -> None:
+        with self.redis.pipeline() as pipe:   # MULTI/EXEC: both (and the version) or neither
+            pipe.set(self.key(name), blob)
+            pipe.set(self.key(f"{name}_meta"), json.dumps(meta))
+            if version is not None:
+                pipe.set(self.key(f"{name}_version"), version)
             pipe.execute()
 
     def lock(self, name: str = "refit", timeout: float = 600):
