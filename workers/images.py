@@ -71,6 +71,11 @@ class FetchSettings:
 
     @classmethod
     def from_env(cls, **overrides) -> "FetchSettings":
+        """The environment's settings, under `overrides` (None: keep the environment's).
+
+        Unknown override keys are dropped, so a job enqueued by a newer version (jobs pass their
+        settings here) still runs on an older worker.
+        """
         env = os.environ
         values: dict = {
             "local_files_root": env.get("SUBDISC_LOCAL_FILES_ROOT")
@@ -85,7 +90,7 @@ class FetchSettings:
                     values[key] = int(env[name])
                 except ValueError:
                     raise ValueError(f"{name} must be an integer, not {env[name]!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in _known(cls, overrides).items() if v is not None})
         return cls(**{k: v for k, v in values.items() if v is not None and v != ""})
 
     def to_dict(self) -> dict:
@@ -95,9 +100,14 @@ class FetchSettings:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FetchSettings":
-        # Unknown keys are dropped so a job enqueued by a newer version still runs on an older worker.
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+        """Settings from `to_dict` alone (no environment); unknown keys are dropped."""
+        return cls(**_known(cls, d or {}))
+
+
+def _known(cls, values: dict) -> dict:
+    """The items of `values` that are fields of the dataclass `cls`."""
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in known}
 
 
 # --- where a source points ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -60,13 +60,12 @@ class PipelineOptions:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "PipelineOptions":
-        return cls(**(values or {}))
+        # Unknown keys are dropped, so a job enqueued by a newer version still runs here.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in known})
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def with_(self, **changes) -> "PipelineOptions":
-        return replace(self, **changes)
 
 
 def model_paths() -> dict[str, str]:

@@ -14,10 +14,6 @@ import numpy as np
 
 VECTOR_DIM = 128
 
-#: How a face was found: by a detector, or by treating the whole (pre-cropped) image as the face.
-FOUND_BY = ("hog", "cnn", "fallback")
-
-
 @dataclass(frozen=True, eq=False)
 class Face:
     """One face in one image.

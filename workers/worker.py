@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from workers.connection import redis_url
 from workers.pipeline import PipelineOptions, describe_dlib, fingerprint, get_pipeline
 
 #: Modules whose functions run as jobs on subdisc's queue.
@@ -34,9 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     from rq.cli import main as rq_main
 
     argv = sys.argv[1:] if argv is None else argv
-    url = os.environ.get("SUBDISC_REDIS_URL")
-    if url and "--url" not in argv and "-u" not in argv:
-        argv = ["--url", url, *argv]
+    if not any(a == "-u" or a.startswith("--url") for a in argv):
+        argv = ["--url", redis_url(), *argv]
     sys.argv = ["rq", "worker", *argv]
     rq_main()
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from workers.images import (ERROR_KINDS, FetchSettings, ImageError, decode, load, read_bytes,
                             source_identity)
+from tests.support import free_port
 
 
 def mad(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,12 +48,6 @@ def expect_error(kind: str, fn, *args) -> ImageError:
     assert info.value.kind == kind, info.value.message
     assert info.value.message
     return info.value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -507,6 +502,17 @@ def test_settings_travel_as_json():
                       max_pixels=20, timeout=3.0)
     assert FetchSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert FetchSettings.from_dict({"timeout": 2.0, "added_later": 1}) == FetchSettings(timeout=2.0)
+
+
+def test_a_job_from_a_newer_version_still_runs(monkeypatch):
+    """Jobs hand their settings and options to from_env / from_dict: a key added later is dropped."""
+    from workers.pipeline import PipelineOptions
+
+    for name in ("SUBDISC_LOCAL_FILES_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_URL",
+                 "LABEL_STUDIO_API_KEY", "SUBDISC_ALLOWED_HOSTS", "SUBDISC_MAX_BYTES", "SUBDISC_MAX_PIXELS"):
+        monkeypatch.delenv(name, raising=False)
+    assert FetchSettings.from_env(timeout=2.0, added_later=1) == FetchSettings(timeout=2.0)
+    assert PipelineOptions.from_dict({"detector": "cnn", "added_later": 1}) == PipelineOptions(detector="cnn")
 
 
 def test_image_error_is_typed():
