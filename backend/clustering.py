@@ -113,6 +113,11 @@ class Clusterer:
     def fit_predict(self, X) -> np.ndarray:
         return self.fit(X).predict(X)
 
+    def transform(self, X) -> np.ndarray:
+        """(n, k) Euclidean distances to the cluster centres, in the space the clusterer works in."""
+        return np.sqrt(squared_distances(self.preprocessor_.transform(_as_matrix(X)),
+                                         np.asarray(self.cluster_centers_)))
+
     # --- state, for saving -----------------------------------------------------------------------
     def get_params(self) -> dict:
         return {name: getattr(self, name) for name in self._params}

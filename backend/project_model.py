@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.centroids import AttributeModel, CentroidModel
-from backend.clustering import Clusterer, make_clusterer, squared_distances
+from backend.clustering import Clusterer, make_clusterer
 from backend.labeling_config import Attribute, LabelingConfig
 from backend.predictions import FacePrediction
 from backend.scoring import is_labelled, name_clusters, score
@@ -100,9 +100,7 @@ class Clusterings:
 def _assignments(clusterer: Clusterer, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cluster of each face, its distance to that cluster's centre) in the clusterer's space."""
     ids = np.asarray(clusterer.predict(X))
-    Z = clusterer.preprocessor_.transform(np.asarray(X, np.float64))
-    d2 = squared_distances(Z, np.asarray(clusterer.cluster_centers_))
-    d = np.sqrt(d2[np.arange(len(ids)), np.clip(ids, 0, None)])
+    d = clusterer.transform(X)[np.arange(len(ids)), np.clip(ids, 0, None)]
     return ids, d
 
 

@@ -157,3 +157,20 @@ def test_factory_and_registry():
         make_clusterer("spectral", 2)
     with pytest.raises(ValueError, match="shape"):
         KMeansClusterer(2).fit(np.zeros(10))
+
+
+@pytest.mark.parametrize("algo", sorted(CLUSTERERS))
+def test_a_face_s_distance_to_its_centre_is_taken_where_the_clusterer_works(planted, algo):
+    """centrality (which faces to label first) reads distances through transform(): for the
+    residual split that is residual space, not the preprocessed input."""
+    from backend.project_model import _assignments
+
+    X, _ = planted
+    c = make_clusterer(algo, 4, random_state=0).fit(X)
+    D = c.transform(X)
+    assert D.shape == (len(X), c.n_clusters) and np.all(D >= 0)
+    ids, d = _assignments(c, X)
+    assert np.array_equal(ids, c.predict(X))
+    assert np.allclose(d, D[np.arange(len(X)), ids])
+    if algo != "gmm":   # a mixture assigns by likelihood, not by the nearest mean
+        assert np.array_equal(D.argmin(axis=1), ids)
