@@ -363,7 +363,7 @@ class SubdiscModel:
     def schedule_refit(self, st: ProjectState) -> str | None:
         from backend.refit import schedule_refit
 
-        return schedule_refit(self.redis, self.queue_name, st.id)
+        return schedule_refit(self.redis, self.queue_name, st.id, self.fingerprint)
 
     # --- refit -------------------------------------------------------------------------------
     def project_faces(self, st: ProjectState) -> ProjectFaces:
@@ -404,7 +404,10 @@ class SubdiscModel:
         if not settings:
             return {"project": st.id, "status": "not set up"}
         config = self.config(settings["label_config"])
-        with st.lock():
+        from backend.refit import REFIT_TIMEOUT
+
+        # Held as long as a refit job may run: a lock expiring mid-refit would let a second one in.
+        with st.refit_lock(REFIT_TIMEOUT):
             old = st.load_model()
             old_meta = old[1] if old is not None else {}
             if only_if_needed:

@@ -23,6 +23,7 @@ import uuid
 import redis as redis_lib
 from rq import Retry, get_current_job
 
+from backend.state import ProjectState
 from workers.client import SECONDS_PER_IMAGE, queue_for
 from workers.connection import job_redis
 from workers.images import FetchSettings
@@ -37,8 +38,9 @@ RUN_TTL = 7 * 24 * 3600
 POST_SECONDS = 600
 
 
-def _run_key(project_id: str, run: str) -> str:
-    return f"subdisc:v1:project:{project_id}:run:{run}"
+def _run_key(redis: redis_lib.Redis, project_id: str, run: str) -> str:
+    """The counter of a request's batches still to post."""
+    return ProjectState(redis, project_id).key(f"run:{run}")
 
 
 def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str,
@@ -49,7 +51,7 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
     queue = queue_for(redis, queue_name)
     batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
     run = uuid.uuid4().hex[:12]
-    redis.set(_run_key(project_id, run), len(batches), ex=RUN_TTL)
+    redis.set(_run_key(redis, project_id, run), len(batches), ex=RUN_TTL)
     jobs = []
     for batch in batches:
         jobs.append(queue.enqueue(
@@ -76,7 +78,6 @@ def predict_batch(project_id: str, task_ids: list[str], sources: list[str], opti
     A photo that cannot be read or has no face is posted as an empty result with its reason.
     """
     from backend.model import SubdiscModel
-    from backend.refit import schedule_refit
 
     redis = job_redis()
     embedded = embed_batch(sources, options, fetch, redis=redis)
@@ -91,7 +92,7 @@ def predict_batch(project_id: str, task_ids: list[str], sources: list[str], opti
         # Raise so RQ retries; tasks already posted with this version are skipped next time.
         raise RuntimeError(f"{summary['retry']} predictions not posted yet: {summary['failures'][0]}")
     if run is not None:
-        if redis.decr(_run_key(project_id, run)) == 0:
-            redis.delete(_run_key(project_id, run))
-            summary["refit"] = schedule_refit(redis, model.queue_name, project_id)
+        if redis.decr(_run_key(redis, project_id, run)) == 0:
+            redis.delete(_run_key(redis, project_id, run))
+            summary["refit"] = model.schedule_refit(ProjectState(redis, project_id))
     return summary

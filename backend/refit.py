@@ -20,18 +20,22 @@ log = logging.getLogger(__name__)
 REFIT_TIMEOUT = 3600
 
 
-def refit_project(project_id: str) -> dict:
-    """RQ job: refit one project's model (see SubdiscModel.refit)."""
+def refit_project(project_id: str, pipeline_fingerprint: str | None = None) -> dict:
+    """RQ job: refit one project's model (see SubdiscModel.refit).
+
+    pipeline_fingerprint: the scheduler's, so the job reads the same cache entries it does.
+    """
     from backend.model import SubdiscModel
 
     redis = job_redis()
     st = ProjectState(redis, project_id)
     # From now on a new confirmation needs another refit: let the next webhook queue it.
     st.refit_started()
-    return SubdiscModel.from_env(redis).refit(project_id)
+    return SubdiscModel.from_env(redis, pipeline_fingerprint).refit(project_id)
 
 
-def schedule_refit(redis: redis_lib.Redis, queue_name: str, project_id: str) -> str | None:
+def schedule_refit(redis: redis_lib.Redis, queue_name: str, project_id: str,
+                   pipeline_fingerprint: str | None = None) -> str | None:
     """Queue a refit unless one is queued and not started yet; returns the new job's id."""
     from workers.client import queue_for
 
@@ -41,7 +45,7 @@ def schedule_refit(redis: redis_lib.Redis, queue_name: str, project_id: str) -> 
     try:
         job = queue_for(redis, queue_name).enqueue(
             # No retry interval: interval retries need a worker started --with-scheduler.
-            refit_project, st.id, job_timeout=REFIT_TIMEOUT, retry=Retry(max=2),
+            refit_project, st.id, pipeline_fingerprint, job_timeout=REFIT_TIMEOUT, retry=Retry(max=2),
             result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600, description=f"refit project {st.id}")
     except Exception:
         st.refit_started()   # nothing queued after all: do not block the next attempt

@@ -172,9 +172,9 @@ class ProjectState:
                 pipe.set(self.key(f"{name}_version"), version)
             pipe.execute()
 
-    def lock(self, name: str = "refit", timeout: float = 600):
+    def refit_lock(self, timeout: float):
         """A Redis lock: one refit of a project at a time, whichever process runs it."""
-        return self.redis.lock(self.key(f"lock:{name}"), timeout=timeout)
+        return self.redis.lock(self.key("lock:refit"), timeout=timeout)
 
     # --- history -----------------------------------------------------------------------------
     def append_history(self, entry: dict) -> None:

@@ -161,6 +161,17 @@ def test_uncached_tasks_are_queued_once_and_answered_as_pending(project, redis_c
     assert len(queue) == 1   # still in flight: not queued twice
 
 
+def test_a_refit_job_reads_the_cache_entries_its_scheduler_reads(project, redis_conn):
+    """The job carries the scheduler's pipeline fingerprint (a worker's own options may differ)."""
+    model, _, _ = project
+    queue = Queue("subdisc-test", connection=redis_conn)
+    queue.empty()
+    assert model.schedule_refit(ProjectState(redis_conn, 1)) is not None
+    job = queue.jobs[0]
+    assert job.func_name == "backend.refit.refit_project"
+    assert job.args == ("1", model.fingerprint)
+
+
 def test_a_config_we_cannot_serve_is_refused_at_setup(redis_conn):
     model = SubdiscModel(redis_conn, queue_name="subdisc-test")
     with pytest.raises(ConfigError, match="RectangleLabels"):
