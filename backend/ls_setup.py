@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.cli import CommandError
+from backend.labeling_config import default_config_xml
+from workers.images import IMAGE_REGEX
 
-#: Files the storage imports as tasks (anything else in the folder, like labels.csv, is ignored).
-IMAGE_REGEX = r"(?i).*\.(jpe?g|png|gif|bmp|webp|tiff?)$"
 BACKEND_TITLE = "subdisc"
 #: Storage sync and "Retrieve predictions" run inside one HTTP request: large folders take a while.
 LONG = {"timeout_in_seconds": 900}
@@ -69,6 +70,17 @@ class Provisioner:
     def __init__(self, url: str, token: str):
         self.url, self.token = url.rstrip("/"), token
         self.ls = LabelStudio(base_url=self.url, api_key=token)
+        self._local = threading.local()
+
+    @property
+    def http(self) -> requests.Session:
+        """A keep-alive session for the plain HTTP calls (`subdisc up` polls every second), one
+        per thread ("Retrieve predictions" runs in its own)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers["Authorization"] = f"Token {self.token}"
+        return session
 
     # --- project ---------------------------------------------------------------------------------
     def find_or_create_project(self, title: str, label_config: str) -> Project:
@@ -103,9 +115,9 @@ class Provisioner:
 
         Raw pages of id and data only: the full task serializer takes ~4 ms a task (30 s for 7,000).
         """
-        images, page, session = {}, 1, self._session()
+        images, page = {}, 1
         while True:
-            resp = session.get(f"{self.url}/api/tasks", timeout=300, params={
+            resp = self.http.get(f"{self.url}/api/tasks", timeout=300, params={
                 "project": project, "page": page, "page_size": 2000, "fields": "task_only",
                 "include": "id,data"})
             if resp.status_code == 404:       # past the last page
@@ -139,7 +151,7 @@ class Provisioner:
 
     def retrieve_predictions(self, project: int) -> dict:
         """The Data Manager's "Retrieve predictions" on all tasks (one /predict call to the backend)."""
-        resp = self._session().post(
+        resp = self.http.post(
             f"{self.url}/api/dm/actions",
             params={"id": "retrieve_tasks_predictions", "project": project},
             json={"selectedItems": {"all": True, "excluded": []}},
@@ -153,7 +165,7 @@ class Provisioner:
         params = {"project": project, "page_size": 1}
         if filters:
             params["query"] = json.dumps({"filters": {"conjunction": "and", "items": list(filters)}})
-        resp = self._session().get(f"{self.url}/api/tasks", params=params, timeout=60)
+        resp = self.http.get(f"{self.url}/api/tasks", params=params, timeout=60)
         _raise_for(resp, "count tasks")
         return int(resp.json()["total"])
 
@@ -172,11 +184,6 @@ class Provisioner:
                                  _number("total_predictions", 0))
                 + self.count_tasks(project, {**marked, "operator": "contains"},
                                    _number("total_predictions", 1)))
-
-    def _session(self) -> requests.Session:
-        session = requests.Session()
-        session.headers["Authorization"] = f"Token {self.token}"
-        return session
 
     def provision(self, images: str | Path, backend_url: str, label_config: str,
                   title: str | None = None) -> Project:
@@ -229,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_for_label_studio(args.label_studio)
         ls = Provisioner(args.label_studio, args.token)
-        config = (Path(__file__).with_name("default_config.xml")).read_text()
-        project = ls.provision(args.images, args.backend, config, title=args.title)
+        project = ls.provision(args.images, args.backend, default_config_xml(), title=args.title)
         print(f"project {project.id}: {ls.count_tasks(project.id)} tasks, backend connected", flush=True)
         if not args.no_predict:
             ls.retrieve_predictions(project.id)

@@ -32,8 +32,8 @@ DEFAULT_LS_VENV = Path(os.environ.get("SUBDISC_LS_VENV",
                                       Path.home() / ".cache" / "subdisc" / "label-studio-venv"))
 
 
-#: `subdisc` in this interpreter, installed or not. Not `python -m backend.cli`: run as __main__ its
-#: CommandError would be a second class, and errors raised by other modules would show as tracebacks.
+#: `subdisc` in this interpreter, installed or not (backend/cli.py's __main__ hands over to the
+#: imported module, so CommandError stays one class and user errors stay one line).
 SUBDISC = [sys.executable, "-m", "backend.cli"]
 
 
@@ -51,11 +51,6 @@ def backend_args(host: str, port: int, workers: int) -> list[str]:
 def worker_args(redis_url: str, queue: str) -> list[str]:
     """Arguments of `python -m workers.worker` (a standard `rq worker`)."""
     return ["--url", redis_url, queue]
-
-
-def label_studio_args(host: str, port: int, data_dir: str | Path) -> list[str]:
-    return ["start", "--no-browser", "--internal-host", host, "--port", str(port),
-            "--data-dir", str(data_dir)]
 
 
 def label_studio_env(*, username: str, password: str, token: str, document_root: str | Path) -> dict:
@@ -186,9 +181,6 @@ class Stack:
                 raise StackError(f"{child.name} stopped (exit code {code}); its log {child.log}:\n"
                                  f"{_tail(child.log)}")
 
-    def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.children]
-
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every group we started (newest first), then SIGKILL what is left after `grace`."""
         children, self.children = list(reversed(self.children)), []
@@ -254,7 +246,8 @@ class Stack:
                            timeout: float = 600) -> str:
         """Label Studio, headless; returns its URL once /health answers (first start migrates)."""
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.start("label-studio", [str(exe), *label_studio_args("127.0.0.1", port, data_dir)],
+        self.start("label-studio", [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
+                                     "--port", str(port), "--data-dir", str(data_dir)],
                    env=env, cwd=data_dir)
         url = f"http://127.0.0.1:{port}"
         self._wait("label-studio",

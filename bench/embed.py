@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from backend.stack import Stack, free_port, stop_on_sigterm  # noqa: E402
+from tests.support import DEV_FACES  # noqa: E402
 from workers.client import embed  # noqa: E402
 from workers.pipeline import PipelineOptions  # noqa: E402
 
@@ -95,12 +96,12 @@ def run_once(python: str, n_workers: int, sources: list[str], options: PipelineO
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--faces", type=Path,
-                        default=Path(os.environ.get("SUBDISC_DEV_FACES", ROOT.parent / "shared/faces/dev")))
+    parser.add_argument("--faces", type=Path, default=DEV_FACES)
     parser.add_argument("--n", type=int, default=400, help="photos sampled from the dev set")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--python", action="append", help="interpreter(s) to run workers with")
-    parser.add_argument("--fallback", action="store_true", default=True)
+    parser.add_argument("--fallback", action=argparse.BooleanOptionalAction, default=True,
+                        help="take a photo with no detected face as one face (default on: dev photos are crops)")
     args = parser.parse_args()
     stop_on_sigterm()   # a killed bench stops its Redis and workers too
     labels = args.faces / "labels.csv"

@@ -28,8 +28,10 @@ import redis  # noqa: E402
 import requests  # noqa: E402
 
 from backend.labeling_config import default_config_xml  # noqa: E402
+from backend.model import PENDING_SUFFIX  # noqa: E402
 from backend.stack import Stack, free_port, stop_on_sigterm  # noqa: E402
 from tests.backend.standin import StandInLabelStudio  # noqa: E402
+from tests.support import DEV_FACES  # noqa: E402
 from workers.pipeline import describe_dlib  # noqa: E402
 
 PROJECT = "1.1714000000"
@@ -52,7 +54,7 @@ def percentile(xs, q) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--faces", type=Path, default=ROOT.parent / "shared" / "faces" / "dev")
+    ap.add_argument("--faces", type=Path, default=DEV_FACES)
     ap.add_argument("--n", type=int, default=1000, help="uncached tasks per run (default 1000)")
     ap.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
     ap.add_argument("--repeat", type=int, default=50, help="cached /predict calls per size")
@@ -97,7 +99,7 @@ def main() -> int:
                 t0 = time.time()
                 resp = http.post(url + "/predict", json=body(tasks, config), timeout=100)
                 answered = time.time() - t0
-                pending = sum(p["model_version"].endswith("+pending") for p in resp.json()["results"])
+                pending = sum(p["model_version"].endswith(PENDING_SUFFIX) for p in resp.json()["results"])
                 got = ls.wait_for(len(tasks), timeout=args.timeout)
                 first = min(p["_received"] for p in got) - t0
                 last = max(p["_received"] for p in got) - t0
@@ -117,7 +119,7 @@ def main() -> int:
                             out = http.post(url + "/predict", json=body(tasks[rep:rep + size], config))
                             calls.append(time.perf_counter() - start_t)
                             assert out.status_code == 200 and not any(
-                                p["model_version"].endswith("+pending") for p in out.json()["results"])
+                                p["model_version"].endswith(PENDING_SUFFIX) for p in out.json()["results"])
                         latency[size] = calls
                         print(f"cached, {size} task(s): /predict p50 {percentile(calls, 50):.1f} ms, "
                               f"p99 {percentile(calls, 99):.1f} ms over {len(calls)} calls", flush=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit, urlunsplit
 
 import numpy as np
@@ -23,6 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ERROR_KINDS = ("not_found", "unreachable", "forbidden_host", "empty", "too_large",
                "too_many_pixels", "not_image", "truncated", "unreadable")
 
+#: Files taken as images in a folder (Label Studio's local-files storage gets the same filter, so a
+#: labels.csv beside the photos is never a task).
+IMAGE_REGEX = r"(?i).*\.(jpe?g|png|gif|bmp|webp|tiff?)$"
 UPLOAD_PREFIX = "/data/upload/"
 LOCAL_FILES_PREFIX = "/data/local-files/"
 MAX_REDIRECTS = 5
@@ -108,6 +113,13 @@ def _known(cls, values: dict) -> dict:
     """The items of `values` that are fields of the dataclass `cls`."""
     known = {f.name for f in fields(cls)}
     return {k: v for k, v in values.items() if k in known}
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under `folder` (recursive, IMAGE_REGEX), sorted."""
+    pattern = re.compile(IMAGE_REGEX)
+    return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files
+                  if pattern.match(os.path.join(d, f)))
 
 
 # --- where a source points ---------------------------------------------------------------------

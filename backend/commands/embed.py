@@ -10,8 +10,8 @@ import redis as redis_lib
 
 from backend.cli import CommandError
 from workers.connection import queue_name, redis_url
+from workers.images import image_files
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def register(sub) -> None:
@@ -85,8 +85,7 @@ def collect_sources(paths: list[str], list_file: Path | None) -> list[str]:
         if "://" in item or not path.is_dir():
             sources.append(item)  # a file, a URL, or a missing path (reported as not_found)
         else:
-            sources.extend(str(p) for p in sorted(path.rglob("*"))
-                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            sources.extend(str(p) for p in image_files(path))
     if list_file is not None:
         if not list_file.exists():
             raise CommandError(f"no such list file: {list_file}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import sys
 import threading
@@ -22,15 +21,15 @@ from rq import Queue
 from rq.registry import StartedJobRegistry
 
 from backend.cli import CommandError
+from backend.labeling_config import default_config_xml
 from backend.model import PENDING_SUFFIX
-from backend.ls_setup import IMAGE_REGEX, Provisioner, absolute, document_root_for, project_title
+from backend.ls_setup import Provisioner, absolute, document_root_for, project_title
 from backend.stack import (DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env,
                            stop_on_sigterm)
 from workers.cache import EmbeddingCache
-from workers.images import FetchSettings, ImageError, source_identity
+from workers.images import FetchSettings, ImageError, image_files, source_identity
 from workers.pipeline import PipelineOptions, fingerprint
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "default_config.xml"
 DEFAULT_DATA_DIR = Path(os.environ.get("SUBDISC_DATA_DIR", Path.home() / ".local" / "share" / "subdisc"))
 
 
@@ -100,7 +99,7 @@ def run(args) -> int:
                 username=creds["username"], password=creds["password"], token=creds["token"],
                 document_root=root))
             ls = Provisioner(ls_url, creds["token"])
-            project = ls.provision(folder, backend_url, DEFAULT_CONFIG.read_text(),
+            project = ls.provision(folder, backend_url, default_config_xml(),
                                    title=args.title or project_title(folder))
             say(f"Label Studio: {ls_url}/projects/{project.id}/data   "
                 f"login {creds['username']} / {creds['password']}   "
@@ -136,13 +135,6 @@ def drain(stack: Stack, redis: redis_lib.Redis, queue_name: str, timeout: float)
             told = True
         stack.check_alive()
         time.sleep(1)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The files the local-files storage imports as tasks (recursive, IMAGE_REGEX)."""
-    pattern = re.compile(IMAGE_REGEX)
-    return sorted(Path(d) / f for d, _, files in os.walk(folder) for f in files
-                  if pattern.match(str(Path(d) / f)))
 
 
 def say(text: str) -> None:

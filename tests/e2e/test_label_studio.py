@@ -24,6 +24,7 @@ import requests
 from PIL import Image
 
 from backend import stack as stack_mod
+from backend.labeling_config import default_config_xml
 from backend.ls_setup import Provisioner, document_root_for
 from backend.model import PENDING_SUFFIX
 from tests.support import DEV_FACES, free_port
@@ -31,7 +32,6 @@ from tests.e2e.e2e_photos import make_photos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
-CONFIG_PATH = Path(stack_mod.ROOT) / "backend" / "default_config.xml"
 N_PHOTOS = 40
 #: Seconds to wait for every prediction of the small folders used here (2 workers, no BLAS: ~1 s each).
 PREDICTION_TIMEOUT = 600
@@ -113,7 +113,7 @@ def wait_for(what: str, predicate, live: Live, timeout: float = PREDICTION_TIMEO
 def predicted(live) -> Live:
     """A project over the photos, the backend connected, and a prediction for every task."""
     live.ls = ls = Provisioner(live.ls_url, live.token)
-    project = ls.find_or_create_project("subdisc e2e", CONFIG_PATH.read_text())
+    project = ls.find_or_create_project("subdisc e2e", default_config_xml())
     live.project = project.id
     ls.ensure_local_storage(project.id, live.photos)
     live.tasks = {tid: url.rsplit("/", 1)[-1] for tid, url in ls.task_images(project.id).items()}
@@ -135,7 +135,7 @@ def latest_prediction(live: Live, task: int) -> dict:
 
 def test_every_task_gets_a_prediction_of_the_right_shape(predicted):
     live = predicted
-    choices = config_choices(CONFIG_PATH.read_text())
+    choices = config_choices(default_config_xml())
     with_faces = 0
     for task, name in live.tasks.items():
         prediction = latest_prediction(live, task)
@@ -219,7 +219,7 @@ def wait_for_refit(live: Live, confirmed: int) -> dict:
 
 def test_confirmations_refit_and_report_match_a_hand_count(predicted):
     live = predicted
-    values = config_choices(CONFIG_PATH.read_text())[ATTRIBUTE]
+    values = config_choices(default_config_xml())[ATTRIBUTE]
     shown0 = {t: latest_prediction(live, t) for t in live.tasks}
     faces = [t for t, p in shown0.items() if face_boxes(p["result"]) and live.tasks[t] in live.truth]
     assert len(faces) >= 20, "too few photos with a detected face to label"
