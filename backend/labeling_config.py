@@ -62,12 +62,6 @@ class LabelingConfig:
                   "attributes": [[a.name, list(a.values), a.per_region] for a in self.attributes]}
         return hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()[:12]
 
-    def describe(self) -> dict:
-        return {"image_key": self.image_key, "face": self.face_name, "face_label": self.face_label,
-                "attributes": {a.name: {"values": list(a.values), "per_region": a.per_region}
-                               for a in self.attributes},
-                "ignored": list(self.ignored)}
-
 
 def default_config_xml() -> str:
     """The labeling config shipped with subdisc (face box + six per-face attributes)."""

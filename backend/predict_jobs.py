@@ -21,10 +21,10 @@ import logging
 import uuid
 
 import redis as redis_lib
-from rq import Retry, get_current_job
+from rq import get_current_job
 
 from backend.state import ProjectState
-from workers.client import SECONDS_PER_IMAGE, queue_for
+from workers.client import job_settings, queue_for
 from workers.connection import job_redis
 from workers.images import FetchSettings
 from workers.jobs import embed_batch
@@ -57,11 +57,8 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
         jobs.append(queue.enqueue(
             predict_batch, project_id, [tid for tid, _ in batch], [src for _, src in batch],
             options.to_dict(), fetch.to_dict(), run, pipeline_fingerprint,
-            job_timeout=SECONDS_PER_IMAGE * len(batch) + POST_SECONDS,
-            # Immediate retries: interval retries would need workers started --with-scheduler,
-            # and post_predictions already backs off between attempts at one POST.
-            retry=Retry(max=2),
-            result_ttl=3600, failure_ttl=7 * 24 * 3600,
+            # post_predictions backs off between tries at one POST; RQ's retries are immediate.
+            **job_settings(len(batch), extra_seconds=POST_SECONDS),
             description=f"predict {len(batch)} tasks (project {project_id})"))
     log.info("project %s: %d tasks queued in %d batches (run %s)", project_id, len(items),
              len(batches), run)

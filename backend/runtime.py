@@ -66,10 +66,6 @@ def basic_auth() -> tuple[str, str] | None:
     return (user, password) if user and password else None
 
 
-def prior_path() -> str | None:
-    return os.environ.get("SUBDISC_PRIOR") or None
-
-
 @functools.lru_cache(maxsize=4)
 def _load_prior(path: str, mtime_ns: int):
     from backend.centroids import CentroidModel
@@ -79,13 +75,13 @@ def _load_prior(path: str, mtime_ns: int):
     return model
 
 
-def load_prior(path: str | None = None):
+def load_prior():
     """The saved centroid model named by SUBDISC_PRIOR (reloaded when the file changes), or None.
 
     A missing or unreadable file is an error: a prior the operator asked for must not be silently
     dropped.
     """
-    path = path or prior_path()
+    path = os.environ.get("SUBDISC_PRIOR")
     if not path:
         return None
     try:

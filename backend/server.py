@@ -60,9 +60,7 @@ class SubdiscMLBackend(LabelStudioMLBase):
     def predict(self, tasks, **kwargs):
         return self.model.predict(tasks, self.project, self.label_config)
 
-    def fit(self, tasks, workdir=None, **kwargs):
-        event, data = kwargs.get("event"), kwargs.get("data") or {}
-        return self.model.record_event(event, data) if event else {}
+    # No fit(): /webhook and /train are our own routes (below), answered by SubdiscModel directly.
 
 
 # --- request checks ----------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def queue_for(redis: redis_lib.Redis, name: str | None = None) -> Queue:
     return Queue(name or default_queue_name(), connection=redis)
 
 
+def job_settings(n_images: int, extra_seconds: float = 120) -> dict:
+    """RQ enqueue options of a job over `n_images` photos: its timeout, retries and TTLs."""
+    return dict(job_timeout=SECONDS_PER_IMAGE * n_images + extra_seconds,
+                # No retry interval: delayed retries need a scheduler process; an immediate
+                # requeue does not.
+                retry=Retry(max=JOB_RETRIES),
+                result_ttl=3600, failure_ttl=7 * 24 * 3600)
+
+
 def enqueue_embedding(queue: Queue, sources: list[str], options: PipelineOptions,
                       fetch: FetchSettings | None = None, retry_errors: bool = False,
                       batch_size: int = 8) -> list[Job]:
@@ -51,11 +60,7 @@ def enqueue_embedding(queue: Queue, sources: list[str], options: PipelineOptions
         batch = sources[start:start + batch_size]
         jobs.append(queue.enqueue(
             embed_batch, batch, options.to_dict(), fetch_dict, retry_errors,
-            job_timeout=SECONDS_PER_IMAGE * len(batch) + 120,
-            # No retry interval: delayed retries need a scheduler process; an immediate requeue does not.
-            retry=Retry(max=JOB_RETRIES),
-            result_ttl=3600, failure_ttl=7 * 24 * 3600,
-            description=f"embed {len(batch)} images ({batch[0]} ...)"))
+            **job_settings(len(batch)), description=f"embed {len(batch)} images ({batch[0]} ...)"))
     return jobs
 
 
