@@ -86,9 +86,9 @@ def squared_distances(Z: np.ndarray, centers: np.ndarray) -> np.ndarray:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of (n, k) logits."""
-    logits = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
+    from scipy.special import softmax as scipy_softmax
+
+    return scipy_softmax(logits, axis=1)
 
 
 class Clusterer:
@@ -350,7 +350,6 @@ class GaussianMixtureClusterer(Clusterer):
                              max_iter=200, random_state=self.random_state).fit(Z)
         self.weights_, self.means_, self.covariances_ = gm.weights_, gm.means_, gm.covariances_
         self.n_clusters = len(self.weights_)
-        self.converged_ = bool(gm.converged_)
         return self
 
     @property
@@ -404,8 +403,7 @@ def make_clusterer(algo: str, k: int, random_state: int | None = None,
         cls = CLUSTERERS[algo]
     except KeyError:
         raise ValueError(f"unknown clustering algorithm {algo!r}; known: {sorted(CLUSTERERS)}") from None
-    if cls is ChineseWhispers:
-        return cls(preprocess=preprocess, **params)
+    # (Chinese whispers takes n_clusters and random_state too, and ignores them.)
     return cls(n_clusters=k, random_state=random_state, preprocess=preprocess, **params)
 
 

@@ -8,12 +8,12 @@ outer fold the choice itself is made again on the outer-training labels only, so
 flattered by having picked the best of several candidates on the same labels.
 
     sel = select(candidates, y)       # y: (m,) confirmed values of the labelled faces
-    sel.chosen, sel.cv[key], sel.scores (nested held-out Scores), sel.candidate_scores[key]
+    sel.chosen, sel.cv[key], sel.scores (nested held-out Scores)
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +50,6 @@ class Selection:
     chosen: str
     cv: dict[str, float]                       # plain cross-validated accuracy per candidate
     scores: Scores                             # nested held-out scores of the whole procedure
-    candidate_scores: dict[str, Scores] = field(default_factory=dict)
     folds: int = 0
 
     def to_dict(self) -> dict:
@@ -84,18 +83,14 @@ def held_out(candidate: Candidate, y: np.ndarray, folds, values) -> np.ndarray:
     return pred
 
 
-def _best(candidates: list[Candidate], y: np.ndarray, values, seed: int) -> tuple[str, dict, dict]:
-    """(key of the best candidate by CV accuracy, {key: accuracy}, {key: Scores}).
+def _best(candidates: list[Candidate], y: np.ndarray, values, folds) -> tuple[str, dict]:
+    """(key of the best candidate by accuracy over `folds` of y, {key: accuracy}).
 
-    Ties go to the earlier candidate: callers list simpler models first. y must allow >= 2 folds.
+    Ties go to the earlier candidate: callers list simpler models first.
     """
-    folds = splits(y, seed)
-    cv, detail = {}, {}
-    for c in candidates:
-        s = score(y, held_out(c, y, folds, values), values)
-        cv[c.key], detail[c.key] = s.accuracy, s
+    cv = {c.key: score(y, held_out(c, y, folds, values), values).accuracy for c in candidates}
     best = max(candidates, key=lambda c: cv[c.key])   # max keeps the first of equals
-    return best.key, cv, detail
+    return best.key, cv
 
 
 def select(candidates: list[Candidate], y, seed: int = 0) -> Selection:
@@ -109,19 +104,19 @@ def select(candidates: list[Candidate], y, seed: int = 0) -> Selection:
     keep = np.isin(y.astype(str), values)
     y = y[keep]
     candidates = [Candidate(c.key, c.k, np.asarray(c.ids)[keep], c.centers, c.names) for c in candidates]
-    chosen, cv, detail = _best(candidates, y, values, seed)
-
     outer = splits(y, seed)
+    chosen, cv = _best(candidates, y, values, outer)
     by_key = {c.key: c for c in candidates}
     pred = np.empty(len(y), dtype=object)
     for train, test in outer:
         inner = [Candidate(c.key, c.k, c.ids[train], c.centers, c.names) for c in candidates]
-        if splits(y[train], seed):
-            key, _, _ = _best(inner, y[train], values, seed)
+        inner_folds = splits(y[train], seed)
+        if inner_folds:
+            key, _ = _best(inner, y[train], values, inner_folds)
         else:
             # Too few labels in this outer fold to choose honestly: the simplest candidate, rather
             # than the one that best fits the very labels it is named with.
             key = candidates[0].key
         c = by_key[key]
         pred[test] = apply_names(c.ids[test], c.name(c.ids[train], y[train], values))
-    return Selection(chosen, cv, score(y, pred, values), detail, folds=len(outer))
+    return Selection(chosen, cv, score(y, pred, values), folds=len(outer))

@@ -244,9 +244,9 @@ def mouth_shape(landmarks: np.ndarray) -> np.ndarray:
 
 def standardise(F: np.ndarray) -> np.ndarray:
     """Z-score each column (within the rows given); constant columns become 0."""
-    F = np.asarray(F, np.float64)
-    sd = F.std(axis=0)
-    return (F - F.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    from sklearn.preprocessing import scale
+
+    return scale(np.asarray(F, np.float64))
 
 
 #: The smile view: the mouth features a smile changes and speech does not (width, corner lift).
@@ -584,6 +584,7 @@ def label_efficiency(X, labels, ns=(2, 5, 10, 20, 50), draws: int = 10, ks=(None
     def add(method, n, s):
         curves.setdefault(method, {}).setdefault(n, []).append(s)
 
+    Z = StandardScaler().fit_transform(X) if baselines else None  # unlabelled faces may set the scale
     for d in range(draws):
         order = np.random.default_rng(seed + d).permutation(labelled)
         fitted = {}
@@ -592,12 +593,13 @@ def label_efficiency(X, labels, ns=(2, 5, 10, 20, 50), draws: int = 10, ks=(None
                                                         preprocess=preprocess).fit(X)
         splits = [make_clusterer("residual", len(values), random_state=seed + d, preprocess=preprocess,
                                  parent_k=p).fit(X) for p in levels]
+        assigned = {method: c.predict(X) for method, c in fitted.items()}
         for n in ns:
             shown, rest = order[:n], order[n:]
             known = np.full(len(X), None, object)
             known[shown] = labels[shown]
             for method, c in fitted.items():
-                ids = c.predict(X)
+                ids = assigned[method]
                 names = name_clusters(ids, known, c.n_clusters, getattr(c, "cluster_centers_", None),
                                       values=values)
                 add(method, n, score(labels[rest], apply_names(ids[rest], names), values))
@@ -612,7 +614,6 @@ def label_efficiency(X, labels, ns=(2, 5, 10, 20, 50), draws: int = 10, ks=(None
                 add("hierarchy split", n, score(labels[rest], apply_names(best[1][rest], best[2]), values))
         if not baselines:
             continue
-        Z = StandardScaler().fit_transform(X)  # unlabelled faces may set the scale
         for n in ns:
             shown, rest = order[:n], order[n:]
             ys = labels[shown].astype(str)
