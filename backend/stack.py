@@ -225,12 +225,15 @@ class Stack:
 
     def start_workers(self, n: int, redis_url: str, queue: str, env: dict | None = None,
                       python: str = sys.executable) -> list[Child]:
-        """n RQ workers; `python` may be another interpreter (another dlib build, for benchmarks)."""
+        """n RQ workers; `python` may be another interpreter (another dlib build, for benchmarks).
+
+        Numbered on from the workers already started, so each has its own log.
+        """
+        first = 1 + sum(c.name.startswith("worker-") for c in self.children)
         return [
-            self.start(f"worker-{i + 1}", [python, "-m", "workers.worker",
-                                    *worker_args(redis_url, queue)],
+            self.start(f"worker-{i}", [python, "-m", "workers.worker", *worker_args(redis_url, queue)],
                        env={"PYTHONPATH": str(ROOT), "SUBDISC_REDIS_URL": redis_url, **(env or {})})
-            for i in range(n)
+            for i in range(first, first + n)
         ]
 
     def start_backend(self, port: int, env: dict, workers: int = 2, timeout: float = 60) -> str:

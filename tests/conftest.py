@@ -4,48 +4,27 @@ Nothing here is mocked: integration tests talk to the same Redis and RQ that pro
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis as redis_lib
 
-from tests.support import DEV_FACES, ROOT, free_port
+from backend.stack import Stack
+from tests.support import DEV_FACES, free_port
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """URL of a redis-server started for this test session (a real one, on a free port)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
+    """URL of a redis-server started for this test session (a real one, on a free port), started
+    the way `subdisc up` starts it."""
+    if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run scripts/test (it installs it)")
-    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis_lib.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis_lib.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with Stack(workdir / "logs") as stack:
+        yield stack.start_redis(free_port(), workdir / "data")
 
 
 @pytest.fixture
@@ -58,47 +37,29 @@ def redis_conn(redis_url):
 
 
 class WorkerPool:
-    """Real `rq worker` processes (the standard command), stopped at the end of the test."""
+    """Real `rq worker` processes, started as `subdisc up` starts them, stopped after the test."""
 
-    def __init__(self, redis_url: str, queue: str, env: dict):
-        self.redis_url, self.queue, self.env = redis_url, queue, env
-        self.procs: list[subprocess.Popen] = []
+    def __init__(self, redis_url: str, queue: str, log_dir: Path):
+        self.redis_url, self.queue = redis_url, queue
+        self.stack = Stack(log_dir)
         self.logs: list[Path] = []
 
-    def start(self, n: int = 1, burst: bool = False) -> list[subprocess.Popen]:
-        started = []
-        for _ in range(n):
-            log = Path(tempfile.mkstemp(prefix="rq-worker-", suffix=".log")[1])
-            cmd = [sys.executable, "-m", "workers.worker", "--url", self.redis_url, self.queue]
-            if burst:
-                cmd.insert(-1, "--burst")
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log.open("w"),
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            self.procs.append(proc)
-            self.logs.append(log)
-            started.append(proc)
-        return started
+    def start(self, n: int = 1) -> list[subprocess.Popen]:
+        children = self.stack.start_workers(n, self.redis_url, self.queue)
+        self.logs += [c.log for c in children]
+        return [c.proc for c in children]
 
     def output(self) -> str:
         return "\n".join(p.read_text() for p in self.logs if p.exists())
 
     def stop(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self.stack.stop()
 
 
 @pytest.fixture
-def rq_workers(redis_url, redis_conn):
+def rq_workers(redis_url, redis_conn, tmp_path):
     """Factory for real RQ workers on queue "subdisc-test": `rq_workers.start(2)`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SUBDISC_REDIS_URL=redis_url)
-    pool = WorkerPool(redis_url, "subdisc-test", env)
+    pool = WorkerPool(redis_url, "subdisc-test", tmp_path / "worker-logs")
     yield pool
     pool.stop()
 
