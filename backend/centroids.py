@@ -71,22 +71,35 @@ class AttributeModel:
         return np.clip(out, 0.0, 1.0)  # sums of probabilities can round to just above 1
 
 
+def fit_runs(X, algo: str = "kmeans", k: int = 2, runs: int = 5, seed: int = 0,
+             preprocess: str | None = "none", **params) -> list[tuple[Clusterer, np.ndarray]]:
+    """`runs` clusterings of X (n, d) with seeds seed..seed+runs-1, each with its (n,) cluster ids.
+
+    They depend on X only, not on labels: one set serves every attribute."""
+    out = []
+    for run in range(runs):
+        clusterer = make_clusterer(algo, k, random_state=seed + run, preprocess=preprocess,
+                                   **params).fit(X)
+        out.append((clusterer, clusterer.predict(X)))
+    return out
+
+
 def fit_attribute(X, labels, attribute: str, algo: str = "kmeans", k: int = 2, runs: int = 5,
                   seed: int = 0, preprocess: str | None = "none",
-                  values: list[str] | None = None, **params) -> AttributeModel:
+                  values: list[str] | None = None, fits=None, **params) -> AttributeModel:
     """Cluster X (n, d) `runs` times (seeds seed..seed+runs-1), name each clustering from the
     labelled rows of `labels` (n,), and keep the run with the best training accuracy (the study's
     choice of centroids). Unlabelled rows ("" / None) still shape the clusters.
-    params: further clusterer arguments (e.g. parent_k=4 for algo="residual")."""
+    params: further clusterer arguments (e.g. parent_k=4 for algo="residual").
+    fits: `fit_runs(X, algo, k, runs, seed, preprocess, **params)` made already (another attribute's)."""
     labels = np.asarray(labels, object)
     if not is_labelled(labels).any():
         raise ValueError(f"no labelled rows for {attribute!r}")
     values = values or label_values(labels)
+    if fits is None:
+        fits = fit_runs(X, algo, k, runs, seed, preprocess, **params)
     best = None
-    for run in range(runs):
-        clusterer = make_clusterer(algo, k, random_state=seed + run, preprocess=preprocess,
-                                   **params).fit(X)
-        ids = clusterer.predict(X)
+    for clusterer, ids in fits:
         names = name_clusters(ids, labels, clusterer.n_clusters,
                               centers=getattr(clusterer, "cluster_centers_", None), values=values)
         s = score(labels, apply_names(ids, names), values)
@@ -106,12 +119,18 @@ def candidates(algo: str, ks, n_values: int, levels=(1, 2, 4, 8)) -> list[tuple[
 
 def select_attribute_model(X, labels, attribute: str, options: list[tuple[str, int, dict]],
                            runs: int = 5, seed: int = 0, preprocess: str | None = "none",
-                           values: list[str] | None = None) -> AttributeModel:
+                           values: list[str] | None = None, fitted: dict | None = None) -> AttributeModel:
     """The best of several clusterings (algo, k, params) by training accuracy on the labelled rows
-    (ties: the earlier option, so list the simpler ones first)."""
+    (ties: the earlier option, so list the simpler ones first).
+
+    fitted: a dict shared by calls on the same X (other attributes): each option is fitted once."""
+    fitted = {} if fitted is None else fitted
     best = None
     for algo, k, params in options:
-        m = fit_attribute(X, labels, attribute, algo, k, runs, seed, preprocess, values, **params)
+        key = (algo, k, tuple(sorted(params.items())), runs, seed, preprocess)
+        if key not in fitted:
+            fitted[key] = fit_runs(X, algo, k, runs, seed, preprocess, **params)
+        m = fit_attribute(X, labels, attribute, algo, k, values=values, fits=fitted[key])
         if best is None or m.train_scores.accuracy > best.train_scores.accuracy:
             best = m
     return best

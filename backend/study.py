@@ -488,11 +488,12 @@ def holdout(X, labels_by_attribute: dict[str, np.ndarray], test_size: float = 0.
     train, test, chosen, models = {}, {}, {}, {}
     for algo in algos:
         train[algo], test[algo], chosen[algo], attrs = {}, {}, {}, {}
+        fitted: dict = {}   # the clusterings of X[tr] depend on no attribute: fit each once
         for a, labels in labels_by_attribute.items():
             labels = np.asarray(labels, object)
             values = label_values(labels)
             best = select_attribute_model(X[tr], labels[tr], a, candidates(algo, ks, len(values)),
-                                          runs, seed, preprocess, values)
+                                          runs, seed, preprocess, values, fitted)
             names, _ = best.predict(X[te])
             attrs[a] = best
             train[algo][a] = best.train_scores
