@@ -287,23 +287,17 @@ def follows(cluster_ids, labels_by_attribute: dict[str, np.ndarray]) -> tuple[tu
     return best, scores[best], {" x ".join(c): s for c, s in scores.items()}
 
 
-def hierarchy(X, labels_by_attribute: dict[str, np.ndarray], ks=(2, 4, 8), algo: str = "kmeans",
-              random_state: int | None = 0, preprocess: str | None = "none",
-              clusterings: dict[int, np.ndarray] | None = None) -> list[HierarchyLevel]:
-    """For each k, which attribute (combination) the k clusters of X (n, d) follow.
+def hierarchy(clusterings: dict[int, np.ndarray],
+              labels_by_attribute: dict[str, np.ndarray]) -> list[HierarchyLevel]:
+    """For each k of `clusterings` ({k: (n,) cluster ids}), which attribute (combination) the k
+    clusters follow.
 
     labels_by_attribute: {attribute: (n,) str/None}. With the study's data, k=2 follows skin,
-    k=4 skin x gender, k=8 skin x gender x age. `clusterings` ({k: (n,) ids}) reuses clusterings
-    already computed instead of fitting new ones.
+    k=4 skin x gender, k=8 skin x gender x age.
     """
-    from backend.clustering import make_clusterer
-
     levels = []
-    for k in ks:
-        if clusterings is not None and k in clusterings:
-            ids = np.asarray(clusterings[k])
-        else:
-            ids = make_clusterer(algo, k, random_state=random_state, preprocess=preprocess).fit_predict(X)
+    for k, ids in clusterings.items():
+        ids = np.asarray(ids)
         ami, pur, clusters = describe_clusters(ids, labels_by_attribute, k)
         combo, combo_ami, combos = follows(ids, labels_by_attribute)
         levels.append(HierarchyLevel(k, ami, pur, combo, combo_ami, combos, clusters))

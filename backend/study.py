@@ -327,7 +327,7 @@ def extra_class(X, labels_by_attribute: dict[str, np.ndarray], ks=(2, 4, 8), run
                 names = name_clusters(ids, labels, clusterer.n_clusters, centers)
                 scores[k][a].append(score(labels, apply_names(ids, names), label_values(labels)))
     summaries = {k: {a: summarise(r) for a, r in v.items()} for k, v in scores.items()}
-    levels = hierarchy(X, labels_by_attribute, ks, clusterings=ids_first)
+    levels = hierarchy(ids_first, labels_by_attribute)
     return ExtraClassResult(list(labels_by_attribute), list(ks), runs, algo, preprocess, len(X),
                             scores, summaries, levels, ids_first)
 

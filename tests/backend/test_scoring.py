@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from backend.clustering import make_clusterer
 from backend.scoring import (apply_names, follows, hierarchy, name_clusters, purity, score,
                              summarise)
 from backend.study import planted_hierarchy
@@ -93,7 +94,8 @@ def test_named_clusters_of_the_planted_skin_split_score_perfectly():
 
 def test_hierarchy_recovers_skin_then_gender_then_age():
     X, labels = planted_hierarchy(n_per_group=15, seed=3)
-    levels = hierarchy(X, labels, ks=(2, 4, 8), random_state=0)
+    levels = hierarchy({k: make_clusterer("kmeans", k, random_state=0).fit_predict(X) for k in (2, 4, 8)},
+                       labels)
     assert [lv.follows for lv in levels] == [
         ("skin",), ("skin", "gender"), ("skin", "gender", "age_group")]
     assert all(lv.follows_ami == pytest.approx(1.0) for lv in levels)
