@@ -14,6 +14,7 @@ ids of the preprocessed training vectors), and add it to `CLUSTERERS`.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import softmax as scipy_softmax
 
 #: Preprocessing applied to the vectors before clustering (fitted on the training vectors).
 #:   none: the raw 128-D vectors (the study's Euclidean K-Means);
@@ -86,8 +87,6 @@ def squared_distances(Z: np.ndarray, centers: np.ndarray) -> np.ndarray:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of (n, k) logits."""
-    from scipy.special import softmax as scipy_softmax
-
     return scipy_softmax(logits, axis=1)
 
 

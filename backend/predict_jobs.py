@@ -23,6 +23,7 @@ import uuid
 import redis as redis_lib
 from rq import get_current_job
 
+from backend.model import SubdiscModel
 from backend.state import ProjectState
 from workers.client import job_settings, queue_for
 from workers.connection import job_redis
@@ -74,8 +75,6 @@ def predict_batch(project_id: str, task_ids: list[str], sources: list[str], opti
     most twice; on the last attempt a POST that still fails is recorded as the task's error).
     A photo that cannot be read or has no face is posted as an empty result with its reason.
     """
-    from backend.model import SubdiscModel
-
     redis = job_redis()
     embedded = embed_batch(sources, options, fetch, redis=redis)
     model = SubdiscModel.from_env(redis, pipeline_fingerprint)

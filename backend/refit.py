@@ -11,6 +11,7 @@ import logging
 import redis as redis_lib
 from rq import Retry
 
+from backend.model import SubdiscModel
 from backend.state import ProjectState
 from workers.connection import job_redis
 
@@ -25,8 +26,6 @@ def refit_project(project_id: str, pipeline_fingerprint: str | None = None) -> d
 
     pipeline_fingerprint: the scheduler's, so the job reads the same cache entries it does.
     """
-    from backend.model import SubdiscModel
-
     redis = job_redis()
     st = ProjectState(redis, project_id)
     # From now on a new confirmation needs another refit: let the next webhook queue it.
