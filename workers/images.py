@@ -393,7 +393,11 @@ def _read_body(resp: requests.Response, url: str, max_bytes: int,
 def _cut(resp: requests.Response, late: threading.Event) -> None:
     """Shut a download's socket: a read blocked in another thread returns at once."""
     late.set()
-    sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
+    # The response's own socket file (http.client drops the connection's .sock when the body
+    # runs to the connection's close); the connection's socket otherwise.
+    fp = getattr(getattr(resp.raw, "_fp", None), "fp", None)
+    sock = getattr(getattr(fp, "raw", None), "_sock", None) or \
+        getattr(getattr(resp.raw, "_connection", None), "sock", None)
     try:
         if sock is not None:
             sock.shutdown(2)   # SHUT_RDWR
