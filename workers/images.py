@@ -194,11 +194,13 @@ def _under(path: str, root: str) -> bool:
 
 
 def _local_path(path: str, source: str, settings: FetchSettings) -> str:
-    """`path` itself, or (restrict_local) its real path if that is under an allowed root.
+    """`path`, if reading it is allowed: always, or (restrict_local) if its real path is under an
+    allowed root.
 
     Refused and absent paths outside the roots get one kind and one message: nothing tells them
-    apart, so task input cannot learn which files exist. Symlinks and ".." are resolved first, so
-    neither leads out of a root.
+    apart, so task input cannot learn which files exist. Symlinks and ".." are resolved for the
+    check, so neither leads out of a root; the path itself is returned unresolved, so its cache
+    identity is the one `subdisc embed` and `subdisc up` compute for the same file.
     """
     if not settings.restrict_local:
         return path
@@ -207,7 +209,7 @@ def _local_path(path: str, source: str, settings: FetchSettings) -> str:
     if not any(_under(real, root) for root in roots):
         raise ImageError("forbidden_path", f"{source!r} is not under a folder the backend may read "
                                            "(SUBDISC_LOCAL_FILES_ROOT, SUBDISC_EXTRA_ROOTS)")
-    return real
+    return path
 
 
 def _data_path(path: str) -> str | None:

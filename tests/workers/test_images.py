@@ -481,7 +481,8 @@ def test_http_load_decodes(server, ls_settings, astronaut_face):
 # --- settings and errors -----------------------------------------------------------------------
 
 def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
-    for name in ("SUBDISC_LOCAL_FILES_ROOT", "SUBDISC_MAX_PIXELS"):
+    for name in ("SUBDISC_LOCAL_FILES_ROOT", "SUBDISC_MAX_PIXELS", "SUBDISC_EXTRA_ROOTS",
+                 "SUBDISC_FETCH_DEADLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080")
@@ -509,7 +510,8 @@ def test_a_job_from_a_newer_version_still_runs(monkeypatch):
     from workers.pipeline import PipelineOptions
 
     for name in ("SUBDISC_LOCAL_FILES_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_URL",
-                 "LABEL_STUDIO_API_KEY", "SUBDISC_ALLOWED_HOSTS", "SUBDISC_MAX_BYTES", "SUBDISC_MAX_PIXELS"):
+                 "LABEL_STUDIO_API_KEY", "SUBDISC_ALLOWED_HOSTS", "SUBDISC_MAX_BYTES", "SUBDISC_MAX_PIXELS",
+                 "SUBDISC_EXTRA_ROOTS", "SUBDISC_FETCH_DEADLINE"):
         monkeypatch.delenv(name, raising=False)
     assert FetchSettings.from_env(timeout=2.0, added_later=1) == FetchSettings(timeout=2.0)
     assert PipelineOptions.from_dict({"detector": "cnn", "added_later": 1}) == PipelineOptions(detector="cnn")
@@ -599,3 +601,14 @@ def test_relative_label_studio_urls_stay_under_data(server, ls_settings, png_byt
         e = expect_error("unreadable", read_bytes, source, ls_settings)
         assert "/data/" in e.message
     assert not any("/api/" in path for _, path, _ in server.requests)
+
+
+def test_the_policy_keeps_the_cache_identity_of_a_file(disk, tmp_path):
+    root, _, _, restricted = disk
+    (tmp_path / "alias").symlink_to(root)          # a root reached through a symlinked folder
+    via_alias = FetchSettings(local_files_root=str(tmp_path / "alias"), restrict_local=True)
+    for settings in (restricted, via_alias):
+        folder = settings.local_files_root
+        # What `subdisc up` / `subdisc embed` compute for the file, the backend computes too.
+        assert source_identity("/data/local-files/?d=in.png", settings) == \
+            source_identity(os.path.join(folder, "in.png"), FetchSettings())
