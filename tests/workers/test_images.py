@@ -582,6 +582,11 @@ def test_extra_roots_come_from_the_environment(disk, monkeypatch, png_bytes):
     assert read_bytes(str(outside / "secret.png"), settings) == png_bytes
     # Jobs carry the settings as a dict: the policy and roots go with them.
     assert FetchSettings.from_dict(settings.to_dict()) == settings
+    assert FetchSettings.from_env(**settings.to_dict()) == settings       # as embed_batch reads it
+    # The backend sets the policy for task input; the user's commands (embed, study) do not.
+    from backend import runtime
+
+    assert runtime.fetch_settings({}).restrict_local and not FetchSettings.from_env().restrict_local
 
 
 def test_devices_and_fifos_are_never_read(disk):
