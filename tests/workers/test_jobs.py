@@ -17,7 +17,7 @@ from workers.cache import EmbeddingCache
 from workers.client import embed
 from workers.images import FetchSettings, source_identity
 from workers.jobs import embed_batch
-from workers.pipeline import PipelineOptions, fingerprint
+from workers.pipeline import MAX_CHIPS_PER_RUN, PipelineOptions, fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUEUE = "subdisc-test"
@@ -215,7 +215,7 @@ def _run_killing(redis_conn, rq_workers, paths, kill):
 
 
 def test_a_killed_work_horse_loses_nothing(redis_conn, rq_workers, photos):
-    paths = photos(14)
+    paths = photos(3 * MAX_CHIPS_PER_RUN)   # the job caches after each descriptor run
 
     def kill_horse(worker):
         (horse,) = _children(worker.pid)
@@ -230,7 +230,7 @@ def test_a_killed_work_horse_loses_nothing(redis_conn, rq_workers, photos):
 
 
 def test_a_worker_killed_outright_loses_nothing(redis_conn, rq_workers, photos):
-    paths = photos(14)
+    paths = photos(3 * MAX_CHIPS_PER_RUN)
 
     def kill_worker(worker):
         # The work-horse runs in a session of its own: kill it and its parent, leaving no one to

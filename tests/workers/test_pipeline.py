@@ -88,7 +88,7 @@ def test_jitter_changes_little(astronaut_face):
 
 
 @pytest.mark.parametrize("bad", [dict(detector="mtcnn"), dict(landmarks=7), dict(upsample=9),
-                                 dict(jitter=-1), dict(max_side=10)])
+                                 dict(jitter=-1), dict(max_side=10), dict(descriptor="tf")])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         PipelineOptions(**bad)
@@ -99,14 +99,15 @@ def test_fingerprint_follows_every_option():
     assert base == fingerprint(PipelineOptions())
     changed = [PipelineOptions(upsample=2), PipelineOptions(fallback=True), PipelineOptions(jitter=1),
                PipelineOptions(landmarks=5), PipelineOptions(detector="cnn"),
-               PipelineOptions(max_side=800)]
+               PipelineOptions(max_side=800), PipelineOptions(descriptor="dlib")]
     prints = {fingerprint(o) for o in changed}
     assert base not in prints and len(prints) == len(changed)
 
 
-def test_describe_dlib_names_the_build():
+def test_describe_dlib_names_the_build_and_the_descriptor_runtime():
     line = describe_dlib()
-    assert line.startswith("dlib ") and "BLAS" in line and "AVX" in line
+    assert line.startswith("dlib ") and "AVX" in line and "descriptor: onnxruntime" in line
+    assert "WARNING" not in line
 
 
 def test_result_round_trips_through_bytes(astronaut):
