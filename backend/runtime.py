@@ -2,6 +2,7 @@
 
     (SUBDISC_REDIS_URL and SUBDISC_QUEUE: workers/connection.py, shared with the workers)
     SUBDISC_DETECTOR, SUBDISC_UPSAMPLE, SUBDISC_FALLBACK   face pipeline (hog, 1, off)
+    SUBDISC_DESCRIPTOR     descriptor runtime: onnx (default) or dlib (dlib's own, for comparison)
     SUBDISC_PRIOR          a saved centroid model (`subdisc study ... --holdout`) naming clusters
                            before any confirmation
     LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY
@@ -32,7 +33,8 @@ def _flag(name: str) -> bool:
 def pipeline_options() -> PipelineOptions:
     return PipelineOptions(detector=os.environ.get("SUBDISC_DETECTOR", "hog"),
                            upsample=int(os.environ.get("SUBDISC_UPSAMPLE", "1")),
-                           fallback=_flag("SUBDISC_FALLBACK"))
+                           fallback=_flag("SUBDISC_FALLBACK"),
+                           descriptor=os.environ.get("SUBDISC_DESCRIPTOR", "onnx").strip().lower())
 
 
 def label_studio_target(settings: dict | None) -> tuple[str | None, str | None]:

@@ -245,17 +245,22 @@ class FacePipeline:
                      chips)
 
     def describe(self, found: list[Found]) -> list[list[Face]]:
-        """The faces of several images, their descriptors computed in one run over all chips."""
+        """The faces of several images, their descriptors computed in one run over all chips.
+
+        Each face gets its vector and its views (Face.views) from the same run; with
+        descriptor="dlib" (or jitter) the vectors are dlib's and the views still the graph's.
+        """
         chips = np.concatenate([f.chips for f in found]) if found else np.zeros(
             (0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
-        vectors, _views = self._onnx.compute(chips)
+        vectors, views = self._onnx.compute(chips)
         if self._dlib_resnet is not None and len(chips):
             vectors = np.array(self._dlib_resnet.compute_face_descriptor(list(chips),
                                                                          self.options.jitter),
                                np.float32)
         faces, at = [], 0
         for image in found:
-            faces.append([Face(box, landmarks, vectors[at + i].copy(), score, image.found_by)
+            faces.append([Face(box, landmarks, vectors[at + i].copy(), score, image.found_by,
+                               {name: view[at + i].copy() for name, view in views.items()})
                           for i, (box, score, landmarks)
                           in enumerate(zip(image.boxes, image.scores, image.landmarks))])
             at += len(image)
