@@ -45,7 +45,12 @@ class PipelineOptions:
 
     detector: "hog" (dlib's frontal face detector, the study's) or "cnn" (dlib's MMOD CNN detector:
         finds more non-frontal faces, ~20x slower on a CPU).
-    upsample: times the image is upsampled before detection (finds smaller faces, 4x slower each).
+    upsample: times the image is upsampled before detection (0-4: finds smaller faces, 4x slower
+        each), or "auto" (the default): detect at 0 (faces from ~80 px), and again at 1 (from ~40
+        px) only where that can pay: when nothing was found, or when the photo is large enough to
+        hold faces under ~80 px beside those found (its short side, at detection scale, at least
+        `small_faces_from` pixels). On the dev photos it finds what upsample 1 finds, ~4x faster.
+    small_faces_from: see upsample="auto" (pixels, short side); 0 = always look again at 1.
     landmarks: 68 (the study's shape predictor) or 5 (dlib's small predictor).
     jitter: descriptor jitter passes (0 = the plain descriptor; 10 is ~10x slower, slightly steadier).
     fallback: when nothing is detected, treat the whole image as the face (for pre-cropped, aligned
@@ -58,20 +63,25 @@ class PipelineOptions:
     """
 
     detector: str = "hog"
-    upsample: int = 1
+    upsample: int | str = "auto"
     landmarks: int = 68
     jitter: int = 0
     fallback: bool = False
     max_side: int = 1600
     descriptor: str = "onnx"
+    small_faces_from: int = 640
 
     def __post_init__(self):
         if self.detector not in ("hog", "cnn"):
             raise ValueError(f"detector must be 'hog' or 'cnn', not {self.detector!r}")
         if self.landmarks not in (68, 5):
             raise ValueError(f"landmarks must be 68 or 5, not {self.landmarks!r}")
-        if not 0 <= self.upsample <= 4:
-            raise ValueError("upsample must be between 0 and 4")
+        if self.upsample != "auto" and (not isinstance(self.upsample, int)
+                                        or isinstance(self.upsample, bool)
+                                        or not 0 <= self.upsample <= 4):
+            raise ValueError(f"upsample must be 'auto' or between 0 and 4, not {self.upsample!r}")
+        if self.small_faces_from < 0:
+            raise ValueError("small_faces_from must be 0 or more pixels")
         if not 0 <= self.jitter <= 100:
             raise ValueError("jitter must be between 0 and 100")
         if self.max_side < 64:
@@ -87,6 +97,12 @@ class PipelineOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_upsample(text: str) -> int | str:
+    """An upsample setting as written on a command line or in SUBDISC_UPSAMPLE: "auto" or 0-4."""
+    text = str(text).strip().lower()
+    return "auto" if text == "auto" else int(text)
 
 
 def model_paths() -> dict[str, str]:
@@ -202,15 +218,27 @@ class FacePipeline:
                              if options.descriptor == "dlib" or options.jitter > 0 else None)
         self._dlib = dlib
 
-    def _detect(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
+    def _detect_at(self, rgb: np.ndarray, upsample: int) -> list[tuple[tuple[int, int, int, int], float]]:
         """Boxes (left, top, right, bottom) in `rgb`'s pixels with detector scores."""
         if self.options.detector == "cnn":
-            found = self._detector(rgb, self.options.upsample)
+            found = self._detector(rgb, upsample)
             return [((d.rect.left(), d.rect.top(), d.rect.right() + 1, d.rect.bottom() + 1),
                      float(d.confidence)) for d in found]
-        rects, scores, _ = self._detector.run(rgb, self.options.upsample, 0.0)
+        rects, scores, _ = self._detector.run(rgb, upsample, 0.0)
         return [((r.left(), r.top(), r.right() + 1, r.bottom() + 1), float(s))
                 for r, s in zip(rects, scores)]
+
+    def _detect(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
+        if self.options.upsample != "auto":
+            return self._detect_at(rgb, self.options.upsample)
+        found = self._detect_at(rgb, 0)
+        if found and min(rgb.shape[:2]) < self.options.small_faces_from:
+            return found   # a face found, and no room for faces too small for upsample 0
+        # Upsample 1 sees faces from ~40 px; keep what upsample 0 found (at 1 it may miss a
+        # large face) and add the faces it did not find.
+        more = [d for d in self._detect_at(rgb, 1)
+                if all(_overlap(d[0], box) < 0.3 for box, _ in found)]
+        return found + more
 
     def find(self, rgb: np.ndarray) -> Found:
         """Detection, landmarks and chips of all faces in an image (no descriptor yet).
@@ -269,6 +297,15 @@ class FacePipeline:
     def faces(self, rgb: np.ndarray) -> list[Face]:
         """All faces in an image (find, then describe): see `find`."""
         return self.describe([self.find(rgb)])[0]
+
+
+def _overlap(a, b) -> float:
+    """Intersection over the smaller box's area (1 when one box holds the other)."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    return width * height / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
 def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
