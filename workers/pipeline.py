@@ -10,6 +10,8 @@ Models come from the installed `face-recognition-models` package and are loaded 
 dlib finds the faces, their landmarks and their 150x150 chips; the descriptor runs in onnxruntime on
 a graph built from dlib's own network file (workers/descriptor), or in dlib (descriptor="dlib").
 
+Settings:
+    SUBDISC_DESCRIPTOR     the default of PipelineOptions.descriptor: onnx (default) or dlib
 Settings of the worker process (not part of the fingerprint: they do not change the vectors):
     SUBDISC_ONNX_THREADS   onnxruntime intra-op threads per worker (default 1: workers are the
                            parallelism, one per core)
@@ -20,7 +22,7 @@ import functools
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -59,7 +61,7 @@ class PipelineOptions:
         landmarks and descriptors are computed on the original pixels.
     descriptor: "onnx" (dlib's network in onnxruntime, the default) or "dlib" (dlib's own
         compute_face_descriptor, for comparison); the vectors agree to ~1e-6. jitter > 0 always
-        uses dlib's (its random crops are dlib's).
+        uses dlib's (its random crops are dlib's). Defaults to $SUBDISC_DESCRIPTOR, else "onnx".
     """
 
     detector: str = "hog"
@@ -68,7 +70,8 @@ class PipelineOptions:
     jitter: int = 0
     fallback: bool = False
     max_side: int = 1600
-    descriptor: str = "onnx"
+    # The default follows SUBDISC_DESCRIPTOR, so a worker started with it preloads that runtime.
+    descriptor: str = field(default_factory=lambda: os.environ.get("SUBDISC_DESCRIPTOR", "onnx"))
     small_faces_from: int = 640
 
     def __post_init__(self):
@@ -176,9 +179,11 @@ def describe_dlib() -> str:
 
     info = dlib_build_info()
     threads = onnx_threads()
-    return ("dlib {version} (AVX: {avx}, CUDA: {cuda}) for detection and landmarks; ".format(**info)
-            + f"descriptor: onnxruntime {onnxruntime.__version__}, {threads} thread"
-            + ("s" if threads > 1 else "") + " (dlib's own with descriptor=dlib or jitter > 0)")
+    ort = f"onnxruntime {onnxruntime.__version__}, {threads} thread" + ("s" if threads > 1 else "")
+    line = "dlib {version} (AVX: {avx}, CUDA: {cuda}) for detection and landmarks; ".format(**info)
+    if PipelineOptions().descriptor == "dlib":
+        return line + f"descriptor: dlib's own (SUBDISC_DESCRIPTOR=dlib; views: {ort})"
+    return line + f"descriptor: {ort} (dlib's own with descriptor=dlib or jitter > 0)"
 
 
 @dataclass(eq=False)
