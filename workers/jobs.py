@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import redis as redis_lib
+from PIL import Image
 
 from workers.cache import EmbeddingCache
 from workers.connection import job_redis
@@ -25,6 +26,10 @@ from workers.pipeline import MAX_CHIPS_PER_RUN, Found, PipelineOptions, fingerpr
 from workers.results import ImageResult
 
 log = logging.getLogger(__name__)
+
+# Pillow imports its format plugins on the first decode (~0.19 s): do it here, at import in the
+# worker's parent process, so that forked work-horses do not pay for it on every job.
+Image.init()
 
 #: Attempts for a network read that failed in a way that may pass, before it is recorded as an error.
 NETWORK_ATTEMPTS = 3
