@@ -107,11 +107,14 @@ def embed_source(source: str, options: PipelineOptions, fetch: FetchSettings,
 
 
 def _read_with_retries(source: str, fetch: FetchSettings) -> bytes:
+    # The retries share the download's deadline: a trickling host costs one deadline, not three.
+    give_up = time.monotonic() + fetch.deadline
     for attempt in range(1, NETWORK_ATTEMPTS + 1):
         try:
             return read_bytes(source, fetch)
         except ImageError as exc:
-            if not exc.transient or attempt == NETWORK_ATTEMPTS:
+            late = time.monotonic() + 0.5 * 2 ** attempt >= give_up
+            if not exc.transient or attempt == NETWORK_ATTEMPTS or late:
                 raise
             log.info("retrying %s after %s (attempt %d)", source, exc.message, attempt)
             time.sleep(0.5 * 2 ** attempt)

@@ -101,8 +101,11 @@ def test_a_partial_download_is_not_cached_for_good(trickle, redis_conn):
     settings = FetchSettings(allowed_hosts=("127.0.0.1",), timeout=2.0, deadline=1.0)
     options = PipelineOptions()
     cache = EmbeddingCache(redis_conn, fingerprint(options))
+    started = time.monotonic()
     result, how = embed_source(trickle.url, options, settings, cache)
     assert how == "error" and result.error == "unreachable"   # never "truncated"
+    # The job's network retries share the deadline: one deadline's worth, not one per attempt.
+    assert time.monotonic() - started < 2 * settings.deadline + 1.5
     key = cache._src(source_identity(trickle.url, settings))
     # Remembered only for a while (a transient error), so a later job tries the host again.
     assert redis_conn.exists(key) and 0 < redis_conn.ttl(key) <= 600
