@@ -49,38 +49,57 @@ class Outcome:
 
 
 def send(ls: LabelStudio, st: ProjectState, items: list[tuple[str, dict]],
-         last_attempt: bool = False) -> Outcome:
-    """Post predictions [(task id, prediction)] of one project; marks each posted task."""
+         last_attempt: bool = False, attempts: int = 3, first_wait: float = 1.0) -> Outcome:
+    """Post predictions [(task id, prediction)] of one project; marks each posted task.
+
+    A transient failure is tried again after 1 s, 2 s (`attempts` in all), each time first asking
+    Label Studio which of the tasks the unanswered request did store.
+    """
     out = Outcome()
-    items = _not_yet_stored(ls, st, items, out)
-    if not items:
-        return out
-    _note_in_flight(st, items)
     if not st.redis.exists(st.key("ls:bulk_refused")):
         try:
-            _with_backoff(lambda: ls.import_predictions(st.id, items))
+            _tries(ls, st, items, out, lambda batch: ls.import_predictions(st.id, batch),
+                   attempts, first_wait)
         except LabelStudioError as exc:
             if exc.status in BULK_REFUSED:
                 st.redis.set(st.key("ls:bulk_refused"), str(exc.status), ex=BULK_REFUSED_TTL)
                 log.warning("project %s: Label Studio refused the bulk import (%s): posting task "
                             "by task", st.id, exc)
             elif exc.transient:
-                _failed(out, [tid for tid, _ in items], exc, last_attempt)
+                _failed(out, [tid for tid, _ in items if tid not in out.posted], exc, last_attempt)
                 return out
             # else (a 400): the list was refused as a whole; one by one tells which item is bad.
         else:
-            out.requests += 1
-            _mark(st, [tid for tid, _ in items], items, out)
             return out
-    for tid, prediction in items:
+    for item in items:
+        if item[0] in out.posted:
+            continue
         try:
-            _with_backoff(lambda: ls.post_prediction(tid, prediction))
+            _tries(ls, st, [item], out, lambda batch: ls.post_prediction(*batch[0]),
+                   attempts, first_wait)
         except LabelStudioError as exc:
-            _failed(out, [tid], exc, last_attempt)
+            _failed(out, [item[0]], exc, last_attempt)
+    return out
+
+
+def _tries(ls, st, items, out: Outcome, call, attempts: int, first_wait: float) -> None:
+    """call(items not stored yet), again after 1 s, 2 s... while it fails in a way that may pass;
+    marks what got stored. Raises the last LabelStudioError."""
+    for attempt in range(attempts):
+        left = _not_yet_stored(ls, st, items, out)
+        if not left:
+            return
+        _note_in_flight(st, left)
+        try:
+            call(left)
+        except LabelStudioError as exc:
+            if not exc.transient or attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2 ** attempt)
             continue
         out.requests += 1
-        _mark(st, [tid], items, out)
-    return out
+        _mark(st, [tid for tid, _ in left], left, out)
+        return
 
 
 def _failed(out: Outcome, tids: list[str], exc: LabelStudioError, last_attempt: bool) -> None:
@@ -140,14 +159,3 @@ def repair_placeholders(ls: LabelStudio, project, suffix: str = PENDING_SUFFIX) 
         log.info("project %s: %d placeholder(s) stored after the real prediction, deleted",
                  project, removed)
     return removed
-
-
-def _with_backoff(call, attempts: int = 3, first_wait: float = 1.0):
-    """call(), again after 1 s, 2 s... while it fails in a way that may pass (LabelStudioError.transient)."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except LabelStudioError as exc:
-            if not exc.transient or attempt == attempts - 1:
-                raise
-            time.sleep(first_wait * 2 ** attempt)

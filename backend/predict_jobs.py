@@ -169,6 +169,8 @@ def post_batch(project_id: str, task_ids: list[str], run: str | None = None,
 def _post(redis, project_id, task_ids, run, pipeline_fingerprint) -> dict:
     model = SubdiscModel.from_env(redis, pipeline_fingerprint)
     job = get_current_job()
+    if job is not None:
+        model.queue_name = job.origin    # follow-up jobs go where this one came from
     # On the last attempt, a post still failing is recorded per task instead of raised, so the
     # request's refit still comes and the report says which tasks have no prediction and why.
     last_attempt = job is None or not job.retries_left
