@@ -129,7 +129,7 @@ class LabelStudio:
         `more_than` predictions in all (1: a placeholder next to a real prediction)."""
         return [int(t["id"]) for t in self.list_tasks(project, include="id", filters=[
             {"filter": "filter:tasks:predictions_model_versions", "operator": "contains",
-             "type": "List", "value": marked},
+             "type": "List", "value": [marked]},     # a list: a string is read as its characters
             {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number",
              "value": more_than}])]
 

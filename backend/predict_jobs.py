@@ -104,7 +104,8 @@ def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str
 def queue_tasks(model: SubdiscModel, project_id, tasks: dict, label_config: str | None = None) -> dict:
     """Predict a project's tasks without Label Studio's "Retrieve predictions" (`subdisc up`).
 
-    tasks: {task id: image source} as Label Studio lists them. Tasks already posted with the
+    tasks: {task id: image source} as Label Studio lists them; label_config: used if the project
+    was never set up (Label Studio calls /setup when the backend is connected). Tasks already posted with the
     current model version are skipped, cached photos are posted without worker embedding, the
     others are embedded first; a task whose image cannot be read gets its error recorded (and an
     empty prediction, like /predict would give). Returns counts.
@@ -114,7 +115,9 @@ def queue_tasks(model: SubdiscModel, project_id, tasks: dict, label_config: str 
     from backend.predictions import empty
 
     st = ProjectState(model.redis, project_id)
-    config = model.project_config(st, label_config)
+    # `label_config` only where /setup has not told us the project's own (it may be edited).
+    config = model.project_config(st, None if (st.settings() or {}).get("label_config")
+                                  else label_config)
     fetch = runtime.fetch_settings(st.settings())
     version = model.model_version(st.id, config)
     registry, errors = {}, {}

@@ -265,8 +265,11 @@ def _matches(f: dict, preds: list[dict]) -> bool:
     """One Data Manager filter item on a task's predictions (the two the backend uses)."""
     column, op, value = f.get("filter", ""), f.get("operator"), f.get("value")
     if column.endswith(":predictions_model_versions"):
-        hit = any(str(value) in (p.get("model_version") or "") for p in preds)
-        return hit if op == "contains" else not hit
+        # As Label Studio 1.23 does: each item of the value (of a string: each character).
+        versions = [p.get("model_version") or "" for p in preds]
+        if op == "contains":
+            return any(v in m for v in value for m in versions)
+        return all(v not in m for v in value for m in versions)
     if column.endswith(":total_predictions"):
         return len(preds) > value if op == "greater" else len(preds) == value
     raise ValueError(f"the stand-in has no filter {f}")

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from backend import posting, runtime
