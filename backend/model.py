@@ -27,7 +27,7 @@ import numpy as np
 import redis as redis_lib
 
 from backend import runtime
-from backend.annotations import parse_annotation
+from backend.annotations import AnnotationError, label_studio_id, parse_annotation
 from backend.confirmations import acceptance, confirmed_labels
 from backend.labeling_config import ConfigError, LabelingConfig, parse
 from backend.posting import PENDING_SUFFIX
@@ -92,6 +92,8 @@ class SubdiscModel:
 
     # --- configs and models ------------------------------------------------------------------
     def config(self, xml: str) -> LabelingConfig:
+        if not isinstance(xml, str):
+            raise ConfigError(f"the labeling config must be an XML string, not {type(xml).__name__}")
         key = hashlib.sha256(xml.encode()).hexdigest()
         if key not in self._configs:
             if len(self._configs) > 64:
@@ -210,11 +212,17 @@ class SubdiscModel:
         """(task id, image source, None) or (task id, None, (error kind, message))."""
         if not isinstance(task, dict):
             return None, None, ("bad_task", "a task is not a JSON object")
-        tid = task.get("id")
-        tid = str(tid) if tid is not None else None
-        if tid is None:
+        if task.get("id") is None:
             return None, None, ("bad_task", "a task has no id")
-        source = (task.get("data") or {}).get(config.image_key)
+        try:
+            tid = str(label_studio_id(task["id"], "task"))
+        except AnnotationError as exc:
+            return None, None, ("bad_task", f"a task has {exc}")
+        data = task.get("data")
+        if not isinstance(data, dict):
+            return tid, None, ("bad_task", f"task {tid}: 'data' must be an object, "
+                                           f"not {type(data).__name__}")
+        source = data.get(config.image_key)
         if not isinstance(source, str) or not source.strip():
             return tid, None, ("no_image", f"task {tid} has no {config.image_key!r} field in its data")
         return tid, source, None
@@ -303,6 +311,9 @@ class SubdiscModel:
         """Record a Label Studio webhook; queue a refit if it changed the confirmations.
 
         Quick by design (Label Studio waits 1 s): Redis reads and writes only, no fitting here.
+        A payload Label Studio would never send raises AnnotationError / ConfigError / ValueError
+        naming the field (a 400); in a bulk event, bad annotations are listed under "invalid" and
+        the others recorded.
         """
         project = payload.get("project")
         if project is None:
@@ -310,30 +321,50 @@ class SubdiscModel:
             project = annotation.get("project") if isinstance(annotation, dict) else None
         st = ProjectState(self.redis, project)
         summary = {"action": action, "project": st.id, "changed": 0, "ignored": 0, "refit": None}
+        project_config = project.get("label_config") if isinstance(project, dict) else None
 
         if action == "PROJECT_UPDATED":
-            xml = project.get("label_config") if isinstance(project, dict) else None
+            xml = project_config
             if xml and xml != (st.settings() or {}).get("label_config"):
                 self.config(xml)   # refuse a config we cannot serve, like /setup does
                 st.save_settings(xml)
                 summary["changed"] = 1
         elif action in ANNOTATION_EVENTS:
-            config = self.project_config(st, project.get("label_config") if isinstance(project, dict)
-                                         and not st.settings() else None)
+            config = self.project_config(st, project_config if not st.settings() else None)
             annotations = payload.get("annotation")
             tasks = payload.get("task")
             if not isinstance(annotations, list):
                 annotations, tasks = [annotations], [tasks]
+            if isinstance(tasks, list) and len(tasks) != len(annotations):
+                raise ValueError(f"'task' lists {len(tasks)} tasks for {len(annotations)} annotations")
             tasks = tasks if isinstance(tasks, list) else [tasks] * len(annotations)
+            invalid = []
             for annotation, task in zip(annotations, tasks):
-                changed = self._record_annotation(st, config, annotation, task)
-                summary["changed" if changed else "ignored"] += 1
-        elif action in DELETE_EVENTS:
-            gone = payload.get("annotations") or [payload.get("annotation")]
-            for annotation in gone:
-                aid = annotation.get("id") if isinstance(annotation, dict) else annotation
-                if aid is None:
+                try:
+                    changed = self._record_annotation(st, config, annotation, task)
+                except AnnotationError as exc:
+                    invalid.append(str(exc))
                     continue
+                summary["changed" if changed else "ignored"] += 1
+            if invalid:
+                if len(invalid) == len(annotations):
+                    raise AnnotationError("; ".join(invalid[:3]))
+                summary["invalid"] = invalid
+                log.warning("project %s: %d bad annotations in %s: %s", st.id, len(invalid),
+                            action, invalid[0])
+        elif action in DELETE_EVENTS:
+            gone = payload.get("annotations")
+            if gone is None:
+                gone = [payload.get("annotation")]
+            elif not isinstance(gone, list):
+                # "123" would be read character by character: annotations 1, 2 and 3.
+                raise AnnotationError(f"'annotations' must be a list, not {type(gone).__name__}")
+            ids = []
+            for annotation in gone:
+                if annotation is None:
+                    continue
+                ids.append(label_studio_id(annotation, "deleted annotation"))
+            for aid in ids:    # all checked first: a bad one deletes nothing
                 summary["changed" if st.delete_annotation(aid) else "ignored"] += 1
         elif action == "START_TRAINING":
             summary["changed"] = 1
@@ -348,7 +379,8 @@ class SubdiscModel:
         record = parse_annotation(annotation, config, task_id=task.get("id"))
         tid = str(record.task_id)
         # A task labelled before it was ever predicted: remember its photo so refits can use it.
-        source = (task.get("data") or {}).get(config.image_key)
+        data = task.get("data")
+        source = data.get(config.image_key) if isinstance(data, dict) else None
         if isinstance(source, str) and source and not st.tasks([tid]):
             try:
                 identity = source_identity(source, runtime.fetch_settings(st.settings()))

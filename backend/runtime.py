@@ -4,6 +4,10 @@
     SUBDISC_DETECTOR, SUBDISC_UPSAMPLE, SUBDISC_FALLBACK   face pipeline (hog, 1, off)
     SUBDISC_PRIOR          a saved centroid model (`subdisc study ... --holdout`) naming clusters
                            before any confirmation
+    SUBDISC_LOCAL_FILES_ROOT, SUBDISC_EXTRA_ROOTS
+                           the only folders task input may name local files in (paths, file://,
+                           /data/local-files/?d=); SUBDISC_EXTRA_ROOTS is os.pathsep-separated
+    SUBDISC_FETCH_DEADLINE seconds one image download may take in all (default 30)
     LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY
                            where Label Studio is and its token (a legacy key or a Personal Access
                            Token); they win over what /setup sends, because Label Studio's own idea
@@ -66,11 +70,15 @@ _warned: dict[str, bool] = {}
 
 
 def fetch_settings(settings: dict | None) -> FetchSettings:
-    """How to read a project's images: local files root and allowed hosts from the environment,
+    """How to read a project's images: local files roots and allowed hosts from the environment,
     Label Studio's address and token as in label_studio_target (exactly: the environment's own
-    LABEL_STUDIO_* do not slip back in where label_studio_target chose otherwise)."""
+    LABEL_STUDIO_* do not slip back in where label_studio_target chose otherwise).
+
+    Task input is not the user's own command line: local files only under the roots (the jobs
+    this backend queues carry the policy to the workers).
+    """
     url, token = label_studio_target(settings)
-    return dataclasses.replace(FetchSettings.from_env(), label_studio_url=url,
+    return dataclasses.replace(FetchSettings.from_env(restrict_local=True), label_studio_url=url,
                                label_studio_token=token)
 
 

@@ -12,8 +12,11 @@ What 1.0.9 does that we cannot keep, and so replace on its app:
   * /webhook runs each event in a new process writing under model_dir (TypeError without one).
     Ours records the event in Redis, queues a refit and answers at once (Label Studio waits 1 s).
   * /train, /versions and /is_training read model_dir or the old job manager; ours read Redis.
-/health and /metrics are label_studio_ml's own. Every route: JSON bodies only, a size limit, and
-Basic auth when BASIC_AUTH_USER / BASIC_AUTH_PASS are set (Label Studio can send them).
+/health and /metrics are label_studio_ml's own. Every route, whatever the method: a body size limit
+checked before anything reads it (label_studio_ml's request logging read every body, even a GET's),
+JSON objects only (nested at most MAX_JSON_DEPTH deep) for POST/PUT/PATCH, and Basic auth when
+BASIC_AUTH_USER / BASIC_AUTH_PASS are set (Label Studio can send them). Malformed input is a 400
+naming the field.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ from backend.labeling_config import ConfigError
 from backend.model import SubdiscModel
 
 log = logging.getLogger(__name__)
+
+#: Deeper JSON is refused: Label Studio's payloads are a few levels deep, and deeper ones cost
+#: recursion wherever they are walked (json itself fails near 1,000).
+MAX_JSON_DEPTH = 64
 
 _lock = threading.Lock()
 _model: SubdiscModel | None = None
@@ -82,21 +89,72 @@ def _check_request():
         if not ok:
             resp = _error(401, "authentication required")
             resp.headers["WWW-Authenticate"] = 'Basic realm="subdisc"'
-            return resp
+            return _closing(resp) if _has_body() else resp
+    # Any method may carry a body (GET /health with 300 MB): check its size before anything reads
+    # it. Without a length it would be read to its end (gunicorn passes chunked bodies on).
+    limit = runtime.max_body_bytes()
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        return _closing(_error(411, "send a Content-Length (chunked bodies are not accepted)"))
+    if request.content_length is not None and request.content_length > limit:
+        return _closing(_error(413, f"the body is {request.content_length} bytes, over the {limit} "
+                                    "byte limit (SUBDISC_MAX_BODY_MB)"))
     if request.method in ("POST", "PUT", "PATCH"):
-        limit = runtime.max_body_bytes()
-        # Without a length the body would be read to its end (gunicorn passes chunked bodies on).
         if request.content_length is None:
             return _error(411, "send a Content-Length (chunked bodies are not accepted)")
-        if request.content_length > limit:
-            return _error(413, f"the body is {request.content_length} bytes, over the {limit} byte limit "
-                               "(SUBDISC_MAX_BODY_MB)")
         if request.mimetype != "application/json":
             return _error(415, f"the body must be JSON (Content-Type: application/json), "
                                f"not {request.mimetype or 'nothing'}")
-        if not isinstance(request.get_json(silent=True), dict):
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:
+            return _error(400, f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+        if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
+        if _depth_over(body, MAX_JSON_DEPTH):
+            return _error(400, f"the JSON body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     return None
+
+
+def _has_body() -> bool:
+    return bool(request.content_length) or "Transfer-Encoding" in request.headers
+
+
+def _closing(resp: Response) -> Response:
+    """Close the connection after a refused body: gunicorn would otherwise read it to its end to
+    reach the next request on the connection."""
+    resp.headers["Connection"] = "close"
+    return resp
+
+
+def _depth_over(value, limit: int) -> bool:
+    """Whether JSON `value` nests deeper than `limit` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _log_request():
+    """label_studio_ml's request log, without the body: it read every body into memory, whatever
+    its size or the method, before any route could refuse it."""
+    log.debug("%s %s (%s bytes)", request.method, request.path, request.content_length)
+
+
+def _field(data: dict, name: str, kinds: tuple, required: bool = False):
+    """data[name] if it is of one of `kinds` (None when absent and not required); else ValueError."""
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join({dict: "an object", list: "a list", str: "a string",
+                             int: "an integer"}[k] for k in kinds)
+        raise ValueError(f"{name!r} must be {names}, not {type(value).__name__}")
+    return value
 
 
 def _json_errors(view):
@@ -123,15 +181,15 @@ def _json_errors(view):
 @_json_errors
 def predict():
     data = request.get_json()
-    tasks = data.get("tasks")
-    if not isinstance(tasks, list):
-        raise ValueError("'tasks' must be a list of tasks")
+    tasks = _field(data, "tasks", (list,), required=True)
+    label_config = _field(data, "label_config", (str,))
+    _field(data, "params", (dict,))     # label_studio_ml's; our predict needs none of it
     project = data.get("project")
     if project is None and tasks and isinstance(tasks[0], dict):
         project = tasks[0].get("project")
     model = get_model()
-    backend = SubdiscMLBackend(label_config=data.get("label_config"), project=project, model=model)
-    results = backend.predict(tasks, **(data.get("params") or {}))
+    backend = SubdiscMLBackend(label_config=label_config, project=project, model=model)
+    results = backend.predict(tasks)
     return jsonify({"results": results, "model_version": model.model_version(project)})
 
 
@@ -140,8 +198,10 @@ def setup():
     data = request.get_json()
     if not data.get("schema"):
         raise ConfigError("no labeling config: /setup needs 'schema' (the project's label config)")
-    version = get_model().setup(data.get("project"), data["schema"], data.get("hostname") or None,
-                                data.get("access_token") or None)
+    schema = _field(data, "schema", (str,), required=True)
+    hostname = _field(data, "hostname", (str,))
+    token = _field(data, "access_token", (str,))
+    version = get_model().setup(data.get("project"), schema, hostname or None, token or None)
     return jsonify({"model_version": version})
 
 
@@ -227,8 +287,10 @@ def create_app():
         if endpoint not in app.view_functions:
             app.add_url_rule(rule, endpoint, view, methods=methods)
     hooks = app.before_request_funcs.setdefault(None, [])
+    # label_studio_ml's log_request_info reads the whole body (request.get_data()): ours does not.
+    hooks[:] = [_log_request if getattr(h, "__name__", "") == "log_request_info" else h for h in hooks]
     if _check_request not in hooks:
-        hooks.insert(0, _check_request)   # before label_studio_ml's hook, which logs the body
+        hooks.insert(0, _check_request)   # first: nothing reads a body before it is checked
     return app
 
 

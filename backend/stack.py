@@ -1,8 +1,11 @@
 """A local labelling stack: redis-server, RQ workers, the backend and Label Studio, as child processes.
 
 Each child runs in its own process group (so Ctrl-C in the terminal reaches only us, and stopping a
-child also stops whatever it forked: gunicorn's workers, RQ's work-horses). `Stack.stop()` ends exactly
-the groups it started, newest first, and nothing else; `with Stack(...)` makes that happen on any exit.
+child also stops what it forked into that group: gunicorn's workers). RQ puts each work-horse in a
+process group of its own, so `Stack.stop()` also ends the groups of the children's descendants,
+found through /proc before the children can exit and orphan them. It ends exactly the processes it
+started and their descendants, newest first, and nothing else; `with Stack(...)` makes that happen
+on any exit.
 
 Label Studio 1.23.2 pins old redis / rq / Django, so it lives in its own virtual environment, created
 once and reused (`ensure_label_studio`).
@@ -193,16 +196,21 @@ class Stack:
 
     @staticmethod
     def _stop(children: list[Child], grace: float) -> None:
+        # Descendants in groups of their own (RQ's work-horses): known now, while their parents
+        # live; a horse orphaned by its worker's exit can no longer be traced to us.
+        groups = {c.proc.pid: _descendant_groups(c.proc.pid) for c in children}
         for child in children:
-            _signal_group(child.proc, signal.SIGTERM)
+            _signal_group(child.proc, signal.SIGTERM)   # a worker warm-stops: its horse finishes
         deadline = time.monotonic() + grace
         for child in children:
             try:
                 child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pass
+                groups[child.proc.pid] |= _descendant_groups(child.proc.pid)
             # The leader may be gone while its group lives on (a work-horse, a gunicorn worker).
             _signal_group(child.proc, signal.SIGKILL)
+            for pgid in groups[child.proc.pid]:
+                _kill_group(pgid)
             try:
                 child.proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -291,6 +299,38 @@ def _ignore_interrupts() -> dict:
 def _restore_interrupts(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def _descendant_groups(pid: int) -> set[int]:
+    """Process groups of `pid`'s descendants other than its own (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return set()
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()   # the name may hold spaces and ")"
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), list(parents.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            found.add(os.getpgid(p))
+        except OSError:
+            continue
+        todo.extend(parents.get(p, []))
+    return found - {pid}
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

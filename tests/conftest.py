@@ -84,3 +84,21 @@ def dev_faces() -> Path:
     if not (DEV_FACES / "labels.csv").exists():
         pytest.skip(f"labelled face photos not found at {DEV_FACES} (set SUBDISC_DEV_FACES)")
     return DEV_FACES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_dirs_are_a_local_files_root(tmp_path_factory):
+    """The backend reads task input only under configured roots (SUBDISC_LOCAL_FILES_ROOT,
+    SUBDISC_EXTRA_ROOTS): tests give it their photos under pytest's temp dirs, so that is a root,
+    as a deployment names its photo folder. Servers and workers the tests start inherit it; tests
+    of the policy itself set their own."""
+    import os
+
+    name = "SUBDISC_EXTRA_ROOTS"
+    previous = os.environ.get(name)
+    os.environ[name] = str(tmp_path_factory.getbasetemp())
+    yield
+    if previous is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = previous

@@ -6,16 +6,26 @@
 Sources: a local path, a file:// URL, an http(s) URL, or Label Studio's own relative URLs
 ("/data/upload/..." and "/data/local-files/?d=..."). Every way an input can be bad ends in an
 ImageError whose .kind is one of ERROR_KINDS, so a worker can record it per image and move on.
+
+Task input (what /predict and webhooks hand us) is read with restrict_local=True: a local path,
+file:// URL or local-files URL is read only when it resolves (symlinks and ".." followed) under
+local_files_root or one of extra_roots; anything else, present or not, is the same "forbidden_path"
+error, so a task cannot probe the disk. The user's own commands (`subdisc embed`, `study`) read any
+path. Only regular files are read (never /dev/zero or a FIFO), and a download has a total deadline.
 """
 from __future__ import annotations
 
 import io
 import os
+import posixpath
 import re
+import stat
+import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 import requests
@@ -24,7 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers import labelstudio_auth
 
-ERROR_KINDS = ("not_found", "unreachable", "forbidden_host", "empty", "too_large",
+ERROR_KINDS = ("not_found", "unreachable", "forbidden_host", "forbidden_path", "empty", "too_large",
                "too_many_pixels", "not_image", "truncated", "unreadable")
 
 #: Files taken as images in a folder (Label Studio's local-files storage gets the same filter, so a
@@ -32,6 +42,8 @@ ERROR_KINDS = ("not_found", "unreachable", "forbidden_host", "empty", "too_large
 IMAGE_REGEX = r"(?i).*\.(jpe?g|png|gif|bmp|webp|tiff?)$"
 UPLOAD_PREFIX = "/data/upload/"
 LOCAL_FILES_PREFIX = "/data/local-files/"
+#: Everything we fetch from Label Studio itself lives here (never its /api/).
+LABEL_STUDIO_DATA = "/data/"
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
 
@@ -60,6 +72,10 @@ class FetchSettings:
     label_studio_token: a legacy key or a Personal Access Token (workers/labelstudio_auth.py), sent
         only to the Label Studio origin.
     allowed_hosts: other hosts http(s) may fetch from ("host" or "host:port"); "*" allows any.
+    extra_roots: folders besides local_files_root that task input may name local files in.
+    restrict_local: read local files only under local_files_root / extra_roots (the backend sets
+        it for task input; the user's own commands leave it off and read any path).
+    timeout: seconds one network read may wait; deadline: seconds a whole download may take.
     """
 
     local_files_root: str | None = None
@@ -69,13 +85,18 @@ class FetchSettings:
     max_bytes: int = 50 * 2**20
     max_pixels: int = 40_000_000
     timeout: float = 15.0
+    extra_roots: tuple[str, ...] = ()
+    restrict_local: bool = False
+    deadline: float = 30.0
 
     def __post_init__(self):
         # Accept any iterable (a JSON list after from_dict) but keep the frozen value hashable.
         hosts = tuple(h.strip().lower() for h in self.allowed_hosts if h and h.strip())
         object.__setattr__(self, "allowed_hosts", hosts)
-        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.timeout <= 0:
-            raise ValueError("max_bytes, max_pixels and timeout must be positive")
+        roots = tuple(r.strip() for r in self.extra_roots if r and r.strip())
+        object.__setattr__(self, "extra_roots", roots)
+        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.timeout <= 0 or self.deadline <= 0:
+            raise ValueError("max_bytes, max_pixels, timeout and deadline must be positive")
 
     @classmethod
     def from_env(cls, **overrides) -> "FetchSettings":
@@ -91,19 +112,23 @@ class FetchSettings:
             "label_studio_url": env.get("LABEL_STUDIO_URL"),
             "label_studio_token": env.get("LABEL_STUDIO_API_KEY"),
             "allowed_hosts": tuple(env.get("SUBDISC_ALLOWED_HOSTS", "").split(",")),
+            "extra_roots": tuple(env.get("SUBDISC_EXTRA_ROOTS", "").split(os.pathsep)),
         }
-        for key, name in (("max_bytes", "SUBDISC_MAX_BYTES"), ("max_pixels", "SUBDISC_MAX_PIXELS")):
+        for key, name, kind in (("max_bytes", "SUBDISC_MAX_BYTES", int),
+                                ("max_pixels", "SUBDISC_MAX_PIXELS", int),
+                                ("deadline", "SUBDISC_FETCH_DEADLINE", float)):
             if env.get(name):
                 try:
-                    values[key] = int(env[name])
+                    values[key] = kind(env[name])
                 except ValueError:
-                    raise ValueError(f"{name} must be an integer, not {env[name]!r}") from None
+                    raise ValueError(f"{name} must be a number, not {env[name]!r}") from None
         values.update({k: v for k, v in _known(cls, overrides).items() if v is not None})
         return cls(**{k: v for k, v in values.items() if v is not None and v != ""})
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["allowed_hosts"] = list(self.allowed_hosts)   # JSON-friendly
+        d["extra_roots"] = list(self.extra_roots)
         return d
 
     @classmethod
@@ -143,8 +168,10 @@ def _resolve(source: str, settings: FetchSettings) -> tuple[str, str]:
         if not rel:
             raise ImageError("not_found", f"{source!r} names no file (missing ?d=)")
         root = os.path.abspath(settings.local_files_root)
-        # A lexical check like Label Studio's own: symlinks an admin placed inside the root still work.
         path = os.path.abspath(os.path.join(root, rel))
+        if settings.restrict_local:
+            return "file", _local_path(path, source, settings)
+        # A lexical check like Label Studio's own: symlinks an admin placed inside the root still work.
         if os.path.commonpath([root, path]) != root:
             raise ImageError("unreadable", f"{rel!r} points outside the local files root {root}")
         return "file", path
@@ -152,16 +179,60 @@ def _resolve(source: str, settings: FetchSettings) -> tuple[str, str]:
     if scheme in ("http", "https"):
         return "url", source
     if scheme == "file":
-        return "file", os.path.abspath(unquote(parts.path))
+        return "file", _local_path(os.path.abspath(unquote(parts.path)), source, settings)
     if source.startswith((UPLOAD_PREFIX, LOCAL_FILES_PREFIX)):
         if not settings.label_studio_url:
             raise ImageError("unreadable", f"{source!r} is a Label Studio URL but LABEL_STUDIO_URL "
                                            "is not set (or set the local files root)")
-        return "url", urljoin(settings.label_studio_url.rstrip("/") + "/", source.lstrip("/"))
-    # s3://, gs://, data: ... (one letter is a Windows drive; "a:b.jpg" may be a real file name)
-    if len(scheme) > 1 and not os.path.exists(source):
+        return "url", _label_studio_url(source, settings.label_studio_url)
+    # s3://, gs://, data: ... (one letter is a Windows drive; "a:b.jpg" may be a real file name).
+    # Task input gets no os.path.exists() here: it would tell which such files exist.
+    if len(scheme) > 1 and (settings.restrict_local or not os.path.exists(source)):
         raise ImageError("unreadable", f"unsupported source {source!r}: use a path or an http(s) URL")
-    return "file", os.path.abspath(source)
+    return "file", _local_path(os.path.abspath(source), source, settings)
+
+
+def _under(path: str, root: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def _local_path(path: str, source: str, settings: FetchSettings) -> str:
+    """`path`, if reading it is allowed: always, or (restrict_local) if its real path is under an
+    allowed root.
+
+    Refused and absent paths outside the roots get one kind and one message: nothing tells them
+    apart, so task input cannot learn which files exist. Symlinks and ".." are resolved for the
+    check, so neither leads out of a root; the path itself is returned unresolved, so its cache
+    identity is the one `subdisc embed` and `subdisc up` compute for the same file.
+    """
+    if not settings.restrict_local:
+        return path
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(r) for r in (settings.local_files_root, *settings.extra_roots) if r]
+    if not any(_under(real, root) for root in roots):
+        raise ImageError("forbidden_path", f"{source!r} is not under a folder the backend may read "
+                                           "(SUBDISC_LOCAL_FILES_ROOT, SUBDISC_EXTRA_ROOTS)")
+    return path
+
+
+def _data_path(path: str) -> str | None:
+    """A URL path with percent-escapes decoded and "." / ".." resolved, if it lies under /data/."""
+    decoded = unquote(path)
+    clean = posixpath.normpath("/" + decoded.lstrip("/"))
+    if decoded.endswith("/") and clean != "/":
+        clean += "/"          # "/data/local-files/?d=..." keeps its slash
+    return clean if (clean.rstrip("/") + "/").startswith(LABEL_STUDIO_DATA) else None
+
+
+def _label_studio_url(source: str, label_studio_url: str) -> str:
+    """A relative "/data/..." URL made absolute on Label Studio, normalised: it must stay under
+    /data/ ("/data/upload/../../api/projects/" would have a worker GET the API with the token)."""
+    parts = urlsplit(source)
+    path = _data_path(parts.path)
+    if path is None:
+        raise ImageError("unreadable", f"{source!r} leads out of Label Studio's /data/")
+    rel = urlunsplit(("", "", quote(path, safe="/:@!$&'()*+,;=~"), parts.query, ""))
+    return urljoin(label_studio_url.rstrip("/") + "/", rel.lstrip("/"))
 
 
 def source_identity(source: str, settings: FetchSettings) -> str:
@@ -196,14 +267,22 @@ def read_bytes(source: str, settings: FetchSettings) -> bytes:
 
 def _read_file(path: str, settings: FetchSettings) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(settings.max_bytes + 1)   # +1 tells "exactly the limit" from "over it"
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; only regular files are read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise ImageError("not_found", f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ImageError("unreadable", f"{path} is a directory, not an image file") from None
     except OSError as e:
         raise ImageError("unreadable", f"cannot read {path}: {e.strerror or e}") from None
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError("unreadable", f"{path} is a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            raise ImageError("unreadable", f"{path} is not a regular file (a device, FIFO or socket)")
+        try:
+            data = f.read(settings.max_bytes + 1)   # +1 tells "exactly the limit" from "over it"
+        except OSError as e:
+            raise ImageError("unreadable", f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > settings.max_bytes:
         raise ImageError("too_large", f"{path} is larger than the {settings.max_bytes} byte limit")
     return data
@@ -220,9 +299,14 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 def _fetch(url: str, settings: FetchSettings) -> bytes:
     """GET url, following redirects by hand so each hop is checked against the allow-list and the
-    token goes only to the Label Studio origin (requests would follow them before we could look)."""
+    token goes only to the Label Studio origin (requests would follow them before we could look).
+
+    settings.timeout bounds each wait for bytes; settings.deadline the whole download, redirects
+    included (a server trickling a byte every few seconds never trips the first).
+    """
     ls = _origin(settings.label_studio_url) if settings.label_studio_url else None
     refreshed = False
+    deadline = time.monotonic() + settings.deadline
     for _ in range(MAX_REDIRECTS + 1):
         scheme, host, port = _origin(url)
         if scheme not in ("http", "https") or not host:
@@ -240,8 +324,9 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
         except labelstudio_auth.AuthError as e:
             raise ImageError("unreachable" if e.transient else "unreadable", str(e),
                              transient=e.transient) from None
+        wait = min(settings.timeout, max(deadline - time.monotonic(), 0.001))
         try:
-            resp = requests.get(url, headers=headers, timeout=settings.timeout, stream=True,
+            resp = requests.get(url, headers=headers, timeout=wait, stream=True,
                                 allow_redirects=False)
         except (requests.ConnectionError, requests.Timeout) as e:
             raise ImageError("unreachable", f"cannot reach {host}: {type(e).__name__}",
@@ -257,7 +342,7 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
                 url = urljoin(url, resp.headers["location"])
                 continue
             _check_status(resp, url, is_ls)
-            return _read_body(resp, url, settings.max_bytes)
+            return _read_body(resp, url, settings.max_bytes, deadline)
     raise ImageError("unreadable", f"too many redirects from {url!r}")
 
 
@@ -275,27 +360,68 @@ def _check_status(resp: requests.Response, url: str, is_ls: bool):
     raise ImageError("unreadable", f"{url}: HTTP {code}")
 
 
-def _read_body(resp: requests.Response, url: str, max_bytes: int) -> bytes:
+def _read_body(resp: requests.Response, url: str, max_bytes: int,
+               deadline: float | None = None) -> bytes:
+    """The body, at most max_bytes of it, read by `deadline` (time.monotonic()).
+
+    Past the deadline the connection is shut from a timer thread (a blocked read then returns) and
+    the download is a transient error: what arrived is partial, never an image to judge for good.
+    """
     declared = resp.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ImageError("too_large", f"{url} is {declared} bytes, over the {max_bytes} byte limit")
+    late = threading.Event()
+    timer = None
+    if deadline is not None:
+        timer = threading.Timer(max(deadline - time.monotonic(), 0.0), _cut, (resp, late))
+        timer.daemon = True
+        timer.start()
     # The declared length may be absent or false: count while streaming, asking for no more than
     # one byte past the limit (urllib3 2 returns at most that many decoded bytes per read).
     buf = bytearray()
     try:
-        while len(buf) <= max_bytes:
+        while len(buf) <= max_bytes and not late.is_set():
             chunk = resp.raw.read(min(CHUNK, max_bytes + 1 - len(buf)), decode_content=True)
             if not chunk:
                 break
             buf += chunk
     except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError, OSError) as e:
+        if late.is_set():
+            raise _too_slow(url, deadline) from None
         raise ImageError("unreachable", f"download of {url} broke off: {type(e).__name__}",
                          transient=True) from None
     except urllib3.exceptions.HTTPError as e:      # e.g. a bad gzip body
+        if late.is_set():
+            raise _too_slow(url, deadline) from None
         raise ImageError("unreadable", f"cannot read {url}: {e}") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if late.is_set():
+        raise _too_slow(url, deadline)
     if len(buf) > max_bytes:
         raise ImageError("too_large", f"{url} is over the {max_bytes} byte limit")
     return bytes(buf)
+
+
+def _cut(resp: requests.Response, late: threading.Event) -> None:
+    """Shut a download's socket: a read blocked in another thread returns at once."""
+    late.set()
+    # The response's own socket file (http.client drops the connection's .sock when the body
+    # runs to the connection's close); the connection's socket otherwise.
+    fp = getattr(getattr(resp.raw, "_fp", None), "fp", None)
+    sock = getattr(getattr(fp, "raw", None), "_sock", None) or \
+        getattr(getattr(resp.raw, "_connection", None), "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(2)   # SHUT_RDWR
+    except OSError:
+        pass
+
+
+def _too_slow(url: str, deadline: float | None) -> ImageError:
+    return ImageError("unreachable", f"the download of {url} did not finish within its deadline "
+                                     "(SUBDISC_FETCH_DEADLINE)", transient=True)
 
 
 # --- decoding ----------------------------------------------------------------------------------

@@ -24,7 +24,10 @@ def gunicorn_argv(args) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "backend.server:app",
             "--bind", f"{args.host}:{args.port}", "--workers", str(args.workers),
             "--threads", str(args.threads), "--worker-class", "gthread",
-            "--timeout", str(args.timeout), "--access-logfile", "-"]
+            "--timeout", str(args.timeout), "--access-logfile", "-",
+            # Without it every gunicorn of a user shares ~/.gunicorn/gunicorn.ctl: two backends on
+            # one host fight over it. Nothing here uses gunicornc.
+            "--no-control-socket"]
 
 
 def run(args) -> int:

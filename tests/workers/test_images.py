@@ -481,7 +481,8 @@ def test_http_load_decodes(server, ls_settings, astronaut_face):
 # --- settings and errors -----------------------------------------------------------------------
 
 def test_settings_from_env_and_overrides(monkeypatch, tmp_path):
-    for name in ("SUBDISC_LOCAL_FILES_ROOT", "SUBDISC_MAX_PIXELS"):
+    for name in ("SUBDISC_LOCAL_FILES_ROOT", "SUBDISC_MAX_PIXELS", "SUBDISC_EXTRA_ROOTS",
+                 "SUBDISC_FETCH_DEADLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", str(tmp_path))
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls:8080")
@@ -509,7 +510,8 @@ def test_a_job_from_a_newer_version_still_runs(monkeypatch):
     from workers.pipeline import PipelineOptions
 
     for name in ("SUBDISC_LOCAL_FILES_ROOT", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LABEL_STUDIO_URL",
-                 "LABEL_STUDIO_API_KEY", "SUBDISC_ALLOWED_HOSTS", "SUBDISC_MAX_BYTES", "SUBDISC_MAX_PIXELS"):
+                 "LABEL_STUDIO_API_KEY", "SUBDISC_ALLOWED_HOSTS", "SUBDISC_MAX_BYTES", "SUBDISC_MAX_PIXELS",
+                 "SUBDISC_EXTRA_ROOTS", "SUBDISC_FETCH_DEADLINE"):
         monkeypatch.delenv(name, raising=False)
     assert FetchSettings.from_env(timeout=2.0, added_later=1) == FetchSettings(timeout=2.0)
     assert PipelineOptions.from_dict({"detector": "cnn", "added_later": 1}) == PipelineOptions(detector="cnn")
@@ -521,3 +523,97 @@ def test_image_error_is_typed():
     assert set(ERROR_KINDS) >= {"not_found", "unreachable", "truncated"}
     with pytest.raises(ValueError):
         ImageError("bogus", "x")
+
+
+# --- task input: local reads only under the configured roots (issue 11, item 2) -----------------
+
+@pytest.fixture
+def disk(tmp_path, png_bytes):
+    """A root with a photo, an extra root, and around them what a task must not reach: a photo
+    outside every root, a symlink and a ".." leading out, a FIFO inside the root."""
+    root, extra, outside = tmp_path / "root", tmp_path / "extra", tmp_path / "outside"
+    for d in (root, extra, outside):
+        d.mkdir()
+    (root / "in.png").write_bytes(png_bytes)
+    (extra / "x.png").write_bytes(png_bytes)
+    (outside / "secret.png").write_bytes(png_bytes)
+    (outside / "notes.txt").write_text("not an image")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    os.mkfifo(root / "fifo.png")
+    restricted = FetchSettings(local_files_root=str(root), extra_roots=(str(extra),),
+                               restrict_local=True)
+    return root, extra, outside, restricted
+
+
+def test_task_input_reads_only_under_the_roots(disk, png_bytes):
+    root, extra, outside, restricted = disk
+    assert read_bytes(str(root / "in.png"), restricted) == png_bytes
+    assert read_bytes(f"file://{extra / 'x.png'}", restricted) == png_bytes
+    assert read_bytes("/data/local-files/?d=in.png", restricted) == png_bytes
+    refused = [str(outside / "secret.png"),                 # a photo outside every root
+               str(outside / "notes.txt"),                  # a file that is no image
+               str(outside / "absent.png"),                 # a file that does not exist
+               "/etc/passwd", "/etc/shadow", "/dev/zero",
+               f"file://{outside / 'secret.png'}", "file:///etc/passwd",
+               str(root / "link.png"),                      # a symlink out of the root
+               str(root / ".." / "outside" / "secret.png"),
+               "/data/local-files/?d=../outside/secret.png",
+               "/data/local-files/?d=link.png",
+               "/data/local-files/?d=" + quote(str(outside / "secret.png"), safe="")]
+    messages = set()
+    for source in refused:
+        for call in (read_bytes, source_identity):
+            e = expect_error("forbidden_path", call, source, restricted)
+            assert not e.transient
+            messages.add(e.message.replace(repr(source), "<source>"))
+    assert len(messages) == 1, messages           # nothing tells an absent file from a present one
+    # The same settings without the policy (the user's own `subdisc embed`) read any path.
+    free = FetchSettings(local_files_root=str(root))
+    assert read_bytes(str(outside / "secret.png"), free) == png_bytes
+    assert read_bytes(str(root / "link.png"), free) == png_bytes
+
+
+def test_extra_roots_come_from_the_environment(disk, monkeypatch, png_bytes):
+    root, extra, outside, _ = disk
+    monkeypatch.setenv("SUBDISC_LOCAL_FILES_ROOT", str(root))
+    monkeypatch.setenv("SUBDISC_EXTRA_ROOTS", os.pathsep.join([str(extra), str(outside)]))
+    settings = FetchSettings.from_env(restrict_local=True)
+    assert settings.extra_roots == (str(extra), str(outside))
+    assert read_bytes(str(outside / "secret.png"), settings) == png_bytes
+    # Jobs carry the settings as a dict: the policy and roots go with them.
+    assert FetchSettings.from_dict(settings.to_dict()) == settings
+    assert FetchSettings.from_env(**settings.to_dict()) == settings       # as embed_batch reads it
+    # The backend sets the policy for task input; the user's commands (embed, study) do not.
+    from backend import runtime
+
+    assert runtime.fetch_settings({}).restrict_local and not FetchSettings.from_env().restrict_local
+
+
+def test_devices_and_fifos_are_never_read(disk):
+    root, _, _, restricted = disk
+    # Inside a root: refused without blocking on the FIFO (no writer ever comes) or reading zeros.
+    e = expect_error("unreadable", read_bytes, str(root / "fifo.png"), restricted)
+    assert "regular file" in e.message
+    e = expect_error("unreadable", read_bytes, "/dev/zero", FetchSettings())
+    assert "regular file" in e.message
+
+
+def test_relative_label_studio_urls_stay_under_data(server, ls_settings, png_bytes):
+    assert read_bytes("/data/upload/1/../1/face.png", ls_settings) == png_bytes
+    assert server.requests[-1][1] == "/data/upload/1/face.png"
+    for source in ("/data/upload/../../api/projects/", "/data/upload/%2e%2e/%2e%2e/api/projects/",
+                   "/data/local-files/../../api/projects/?d=x"):
+        e = expect_error("unreadable", read_bytes, source, ls_settings)
+        assert "/data/" in e.message
+    assert not any("/api/" in path for _, path, _ in server.requests)
+
+
+def test_the_policy_keeps_the_cache_identity_of_a_file(disk, tmp_path):
+    root, _, _, restricted = disk
+    (tmp_path / "alias").symlink_to(root)          # a root reached through a symlinked folder
+    via_alias = FetchSettings(local_files_root=str(tmp_path / "alias"), restrict_local=True)
+    for settings in (restricted, via_alias):
+        folder = settings.local_files_root
+        # What `subdisc up` / `subdisc embed` compute for the file, the backend computes too.
+        assert source_identity("/data/local-files/?d=in.png", settings) == \
+            source_identity(os.path.join(folder, "in.png"), FetchSettings())
