@@ -6,7 +6,8 @@ the connection to our backend (by URL). Label Studio's own rules shape it:
 - a local-files storage path must be a sub-folder of LOCAL_FILES_DOCUMENT_ROOT, never the root itself,
   so the document root is the photo folder's parent;
 - "Retrieve predictions" is a Data Manager action sending every selected task to the backend in one
-  request; the backend answers at once for cached photos and POSTs the rest to /api/predictions later.
+  request; the backend answers at once for cached photos and imports the rest later. `subdisc up`
+  does without it: it lists the tasks (`task_images`) and queues them on the workers itself.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from label_studio_sdk.core.api_error import ApiError
 from backend.cli import CommandError
 from backend.labeling_config import default_config_xml
 from workers.images import IMAGE_REGEX
+from workers.labelstudio_auth import AuthError, auth_for
 
 BACKEND_TITLE = "subdisc"
 #: Storage sync and "Retrieve predictions" run inside one HTTP request: large folders take a while.
@@ -65,11 +67,13 @@ class Project:
 
 
 class Provisioner:
-    """Talks to one Label Studio with an API token (legacy token auth, as the notes require)."""
+    """Talks to one Label Studio with an API token: a legacy key or a Personal Access Token (the SDK
+    and workers/labelstudio_auth.py both tell them apart and refresh a PAT's access token)."""
 
     def __init__(self, url: str, token: str):
         self.url, self.token = url.rstrip("/"), token
         self.ls = LabelStudio(base_url=self.url, api_key=token)
+        self.auth = auth_for(self.url, token)
         self._local = threading.local()
 
     @property
@@ -79,8 +83,15 @@ class Provisioner:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
-            session.headers["Authorization"] = f"Token {self.token}"
         return session
+
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        try:
+            return self.auth.request(self.http, method, self.url + path, **kwargs)
+        except AuthError as exc:
+            raise CommandError(str(exc)) from None
+        except requests.RequestException as exc:
+            raise CommandError(f"cannot reach Label Studio at {self.url}: {type(exc).__name__}") from None
 
     # --- project ---------------------------------------------------------------------------------
     def find_or_create_project(self, title: str, label_config: str) -> Project:
@@ -113,23 +124,27 @@ class Provisioner:
     def task_images(self, project: int) -> dict[int, str]:
         """{task id: image URL} of every task ("$image" in the default config).
 
-        Raw pages of id and data only: the full task serializer takes ~4 ms a task (30 s for 7,000).
+        Raw pages of id and data only (the full task serializer takes ~4 ms a task), page by page
+        up to the total Label Studio reports; `review=true` keeps Label Studio from asking the
+        backend for predictions of every listed task that has none.
         """
-        images, page = {}, 1
+        images, page, size = {}, 1, 1000
         while True:
-            resp = self.http.get(f"{self.url}/api/tasks", timeout=300, params={
-                "project": project, "page": page, "page_size": 2000, "fields": "task_only",
-                "include": "id,data"})
-            if resp.status_code == 404:       # past the last page
+            resp = self._request("GET", "/api/tasks", timeout=300, params={
+                "project": project, "page": page, "page_size": size, "fields": "task_only",
+                "include": "id,data", "review": "true"})
+            if resp.status_code == 404 and page > 1:       # past the last page
                 break
             _raise_for(resp, "list tasks")
-            tasks = resp.json()["tasks"]
+            body = resp.json()
+            tasks = body.get("tasks") or []
             for task in tasks:
                 data = task.get("data") or {}
                 url = data.get("image") or next((v for v in data.values() if isinstance(v, str)), None)
                 if url:
                     images[task["id"]] = url
-            if len(tasks) < 2000:
+            seen = (page - 1) * size + len(tasks)
+            if not tasks or seen >= int(body.get("total", seen)):
                 break
             page += 1
         return images
@@ -151,8 +166,8 @@ class Provisioner:
 
     def retrieve_predictions(self, project: int) -> dict:
         """The Data Manager's "Retrieve predictions" on all tasks (one /predict call to the backend)."""
-        resp = self.http.post(
-            f"{self.url}/api/dm/actions",
+        resp = self._request(
+            "POST", "/api/dm/actions",
             params={"id": "retrieve_tasks_predictions", "project": project},
             json={"selectedItems": {"all": True, "excluded": []}},
             timeout=LONG["timeout_in_seconds"])
@@ -162,28 +177,31 @@ class Provisioner:
     # --- progress ----------------------------------------------------------------------------------
     def count_tasks(self, project: int, *filters: dict) -> int:
         """Tasks of the project matching every Data Manager filter given (all tasks without)."""
-        params = {"project": project, "page_size": 1}
+        # review=true: without it, listing asks the backend to predict the listed task.
+        params = {"project": project, "page_size": 1, "fields": "task_only", "include": "id",
+                  "review": "true"}
         if filters:
             params["query"] = json.dumps({"filters": {"conjunction": "and", "items": list(filters)}})
-        resp = self.http.get(f"{self.url}/api/tasks", params=params, timeout=60)
+        resp = self._request("GET", "/api/tasks", params=params, timeout=60)
         _raise_for(resp, "count tasks")
         return int(resp.json()["total"])
 
     def count_predicted(self, project: int, placeholder: str | None = None) -> int:
-        """Tasks with a prediction; with `placeholder`, one whose model_version does not contain it.
+        """Tasks with a prediction; with `placeholder`, only those holding none whose model_version
+        contains it: what a labeler sees is a real prediction.
 
         The backend answers uncached photos at once with an empty placeholder (its version marked
-        "+pending") and POSTs the real prediction later. No filter says "a version without the mark",
-        so: tasks whose versions are all unmarked, plus marked tasks holding more than one prediction.
+        "+pending"), imports the real prediction later, and deletes the placeholder then (even one
+        Label Studio stored after the real prediction): a task counts once that is done.
         """
         if placeholder is None:
             return self.count_tasks(project, _number("total_predictions", 0))
-        marked = {"filter": "filter:tasks:predictions_model_versions", "type": "List",
-                  "value": placeholder}
-        return (self.count_tasks(project, {**marked, "operator": "not_contains"},
-                                 _number("total_predictions", 0))
-                + self.count_tasks(project, {**marked, "operator": "contains"},
-                                   _number("total_predictions", 1)))
+        # A list: Label Studio iterates the value, so a plain string would be matched character
+        # by character ("+pending" would exclude every version holding a "d").
+        return self.count_tasks(project, {"filter": "filter:tasks:predictions_model_versions",
+                                          "type": "List", "value": [placeholder],
+                                          "operator": "not_contains"},
+                                _number("total_predictions", 0))
 
     def provision(self, images: str | Path, backend_url: str, label_config: str,
                   title: str | None = None) -> Project:

@@ -30,6 +30,7 @@ from backend import runtime
 from backend.annotations import AnnotationError, label_studio_id, parse_annotation
 from backend.confirmations import acceptance, confirmed_labels
 from backend.labeling_config import ConfigError, LabelingConfig, parse
+from backend.posting import PENDING_SUFFIX
 from backend.predictions import box_percent, build, empty, pending
 from backend.project_model import Clusterings, ProjectModel, fit_project
 from backend.state import ProjectState
@@ -41,7 +42,6 @@ from workers.results import ImageResult
 
 log = logging.getLogger(__name__)
 
-PENDING_SUFFIX = "+pending"
 #: A task queued for the async path is not queued again for this long (seconds).
 PENDING_TTL = 3600
 #: Without any model yet, /predict fits one itself if the project is at most this big (tasks);
@@ -245,15 +245,15 @@ class SubdiscModel:
 
     # --- the async path's second half ----------------------------------------------------------
     def post_predictions(self, project, task_ids: list[str], last_attempt: bool = False) -> dict:
-        """Predict tasks whose faces the workers just computed and POST them to Label Studio.
+        """Predict tasks whose faces the workers just computed and post them to Label Studio, the
+        whole batch in one request where Label Studio takes it (backend/posting.py).
 
-        A POST that failed in a way that may pass counts in "retry" (the caller tries again later),
+        A post that failed in a way that may pass counts in "retry" (the caller tries again later),
         unless this is the `last_attempt`: then, like any other failure, it is recorded as the
         task's error (the report lists it; the next "Retrieve predictions" asks for it again).
         """
-        import requests
-
-        from backend.labelstudio import LabelStudioError, post_prediction
+        from backend import posting
+        from backend.labelstudio import LabelStudio
 
         st = ProjectState(self.redis, project)
         config = self.project_config(st)
@@ -266,8 +266,7 @@ class SubdiscModel:
         posted_before = st.posted_versions(ids)
         faces = self._face_predictions(model, [r for r in results if r is not None and r.ok])
         faces_iter = iter(faces)
-        errors, shown, posted, failures, retry = {}, {}, 0, [], 0
-        session = requests.Session()
+        errors, seen_by_task, todo, failures = {}, {}, [], []
         for tid, result in zip(ids, results):
             seen = None    # what the labeler will see, once it is in Label Studio
             if result is None:   # embedded a moment ago, yet not in the cache (evicted by Redis?)
@@ -286,28 +285,26 @@ class SubdiscModel:
                 errors[tid] = ("post_failed", failures[-1])
                 continue
             else:
-                try:
-                    _with_backoff(lambda: post_prediction(url, token, tid, prediction,
-                                                          session=session))
-                except LabelStudioError as exc:
-                    failures.append(str(exc))
-                    if exc.transient and not last_attempt:
-                        retry += 1
-                    else:
-                        errors[tid] = ("post_failed", str(exc))
-                    continue
-                st.mark_posted(tid, version)
-                posted += 1
+                todo.append((tid, prediction))
             if seen is not None:
-                shown[tid] = seen
+                seen_by_task[tid] = seen
+        outcome = posting.Outcome()
+        if todo:
+            ls = LabelStudio(url, token, redis=self.redis)
+            outcome = posting.send(ls, st, todo, last_attempt=last_attempt)
+            failures += outcome.failures
+            errors.update({tid: ("post_failed", why) for tid, why in outcome.errors.items()})
+        unposted = set(outcome.errors) | ({tid for tid, _ in todo} - set(outcome.posted))
+        shown = {tid: s for tid, s in seen_by_task.items() if tid not in unposted}
         st.remember_shown(shown)
         st.record_errors(errors)
         st.clear_errors(list(shown))
         st.release_pending(ids)
         if failures:
             log.warning("project %s: %d predictions not posted: %s", st.id, len(failures), failures[0])
-        return {"project": st.id, "tasks": len(ids), "posted": posted, "version": version,
-                "errors": len(errors), "failures": failures, "retry": retry}
+        return {"project": st.id, "tasks": len(ids), "posted": len(outcome.posted),
+                "version": version, "errors": len(errors), "failures": failures,
+                "retry": outcome.retry, "requests": outcome.requests}
 
     # --- webhooks ----------------------------------------------------------------------------
     def record_event(self, action: str, payload: dict) -> dict:
@@ -486,19 +483,6 @@ class SubdiscModel:
             if meta.get("pipeline") == self.fingerprint and n_faces < 2 * max(meta["n_faces"], 1):
                 return Clusterings.from_bytes(blob, meta["n_faces"])
         return Clusterings(n_faces=n_faces)
-
-
-def _with_backoff(call, attempts: int = 3, first_wait: float = 1.0):
-    """call(), again after 1 s, 2 s... while it fails in a way that may pass (LabelStudioError.transient)."""
-    from backend.labelstudio import LabelStudioError
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except LabelStudioError as exc:
-            if not exc.transient or attempt == attempts - 1:
-                raise
-            time.sleep(first_wait * 2 ** attempt)
 
 
 def history_entry(model: ProjectModel, meta: dict, accepted: dict, changed: bool) -> dict:

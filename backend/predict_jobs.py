@@ -1,10 +1,13 @@
-"""The async half of /predict: embed uncached photos on the workers, then POST their predictions.
+"""The async half of predictions: embed uncached photos on the workers, then import their predictions.
 
     enqueue_predictions(redis, queue_name, project_id, [(task_id, source), ...], options, fetch)
+    queue_tasks(model, project_id, {task_id: source})     # `subdisc up`: no "Retrieve predictions"
 
 One RQ job per batch of photos (`predict_batch`) embeds the batch into the cache (the workers'
-`embed_batch`, called in-process) and then POSTs the batch's predictions to Label Studio's
-/api/predictions, so predictions appear batch by batch while the rest is still embedding.
+`embed_batch`, called in-process) and then imports the batch's predictions into Label Studio in one
+request (backend/posting.py), so predictions appear batch by batch while the rest is still embedding.
+Photos already cached need no worker time: `queue_tasks` gives them `post_batch` jobs, which only
+predict and post.
 
 Why one job and not an embedding job plus a dependent posting job: RQ 3.0 moves a finished job's
 dependents through a shared "ready" registry, and when two workers drain it at once one of them can
@@ -13,11 +16,16 @@ predictions" over 1,000 tasks with 2 workers that left a few batches unposted. A
 nothing to link; a retry (Redis trouble, an unreachable Label Studio) redoes nothing that was
 cached or posted.
 
-When the last batch of a request is posted, a refit is queued so the model covers all new faces.
+Placeholders: what /predict answered for uncached tasks ("+pending", empty) is stored by Label Studio
+at its own pace, possibly after the real prediction. Each batch deletes the placeholders it finds next
+to a real prediction; when the last batch of a run is posted, `settle_placeholders` keeps doing so
+until Label Studio has stopped storing predictions for the project. Then a refit is queued so the
+model covers all new faces.
 """
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import redis as redis_lib
@@ -27,7 +35,7 @@ from backend.model import SubdiscModel
 from backend.state import ProjectState
 from workers.client import job_settings, queue_for
 from workers.connection import job_redis
-from workers.images import FetchSettings
+from workers.images import FetchSettings, ImageError, source_identity
 from workers.jobs import embed_batch
 from workers.pipeline import PipelineOptions
 
@@ -35,8 +43,13 @@ log = logging.getLogger(__name__)
 
 #: Seconds the remaining-batches counter of one request lives.
 RUN_TTL = 7 * 24 * 3600
-#: Seconds a batch may spend posting its predictions (post_predictions backs off per POST).
+#: Seconds a batch may spend posting its predictions (posting backs off per request).
 POST_SECONDS = 600
+#: settle_placeholders stops once Label Studio's prediction count has not moved for this long...
+SETTLE_QUIET = 20.0
+#: ... or after this long in all (seconds), and looks every SETTLE_EVERY seconds.
+SETTLE_LIMIT = 3600.0
+SETTLE_EVERY = 2.0
 
 
 def _run_key(redis: redis_lib.Redis, project_id: str, run: str) -> str:
@@ -44,51 +57,194 @@ def _run_key(redis: redis_lib.Redis, project_id: str, run: str) -> str:
     return ProjectState(redis, project_id).key(f"run:{run}")
 
 
+def _batches(items: list, size: int) -> list[list]:
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def _new_run(redis: redis_lib.Redis, project_id: str, n_batches: int) -> str:
+    run = uuid.uuid4().hex[:12]
+    redis.set(_run_key(redis, project_id, run), n_batches, ex=RUN_TTL)
+    return run
+
+
 def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str,
                         items: list[tuple[str, str]], options: PipelineOptions,
                         fetch: FetchSettings, batch_size: int = 8,
-                        pipeline_fingerprint: str | None = None) -> list:
-    """Queue one `predict_batch` job per `batch_size` (task id, source) pairs; returns the jobs."""
+                        pipeline_fingerprint: str | None = None, cached: set | None = None) -> list:
+    """Queue one job per `batch_size` (task id, source) pairs; returns the jobs.
+
+    Tasks in `cached` (photos whose vectors are in the cache) get `post_batch` jobs, the others
+    `predict_batch` jobs; all count in one run (its last batch settles placeholders and refits).
+    """
     queue = queue_for(redis, queue_name)
-    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-    run = uuid.uuid4().hex[:12]
-    redis.set(_run_key(redis, project_id, run), len(batches), ex=RUN_TTL)
+    cached = cached or set()
+    todo = _batches([i for i in items if i[0] not in cached], batch_size)
+    ready = _batches([i for i in items if i[0] in cached], max(batch_size, 200))
+    if not todo and not ready:
+        return []
+    run = _new_run(redis, project_id, len(todo) + len(ready))
     jobs = []
-    for batch in batches:
+    for batch in ready:
+        jobs.append(queue.enqueue(
+            post_batch, project_id, [tid for tid, _ in batch], run, pipeline_fingerprint,
+            **job_settings(1, extra_seconds=POST_SECONDS),
+            description=f"post {len(batch)} cached tasks (project {project_id})"))
+    for batch in todo:
         jobs.append(queue.enqueue(
             predict_batch, project_id, [tid for tid, _ in batch], [src for _, src in batch],
             options.to_dict(), fetch.to_dict(), run, pipeline_fingerprint,
-            # post_predictions backs off between tries at one POST; RQ's retries are immediate.
+            # posting backs off between tries at one request; RQ's retries are immediate.
             **job_settings(len(batch), extra_seconds=POST_SECONDS),
             description=f"predict {len(batch)} tasks (project {project_id})"))
-    log.info("project %s: %d tasks queued in %d batches (run %s)", project_id, len(items),
-             len(batches), run)
+    log.info("project %s: %d tasks queued in %d batches, %d of them cached (run %s)", project_id,
+             len(items), len(todo) + len(ready), len(cached), run)
     return jobs
+
+
+def queue_tasks(model: SubdiscModel, project_id, tasks: dict, label_config: str | None = None) -> dict:
+    """Predict a project's tasks without Label Studio's "Retrieve predictions" (`subdisc up`).
+
+    tasks: {task id: image source} as Label Studio lists them; label_config: used if the project
+    was never set up (Label Studio calls /setup when the backend is connected). Tasks already posted with the
+    current model version are skipped, cached photos are posted without worker embedding, the
+    others are embedded first; a task whose image cannot be read gets its error recorded (and an
+    empty prediction, like /predict would give). Returns counts.
+    """
+    from backend import posting, runtime
+    from backend.model import PENDING_TTL
+    from backend.predictions import empty
+
+    st = ProjectState(model.redis, project_id)
+    # `label_config` only where /setup has not told us the project's own (it may be edited).
+    config = model.project_config(st, None if (st.settings() or {}).get("label_config")
+                                  else label_config)
+    fetch = runtime.fetch_settings(st.settings())
+    version = model.model_version(st.id, config)
+    registry, errors = {}, {}
+    for tid, source in tasks.items():
+        tid = str(tid)
+        try:
+            registry[tid] = {"source": source, "identity": source_identity(source, fetch)}
+        except ImageError as exc:
+            errors[tid] = (exc.kind, exc.message)
+    st.register_tasks(registry)
+    st.record_errors(errors)
+    posted = st.posted_versions(list(registry) + list(errors))
+    # Unreadable photos get an empty prediction now, as /predict gives them: the task is done.
+    broken = [(tid, empty(version)) for tid in errors if posted.get(tid) != version]
+    ls = _label_studio(st)
+    if broken and ls is not None:
+        posting.send(ls, st, broken, last_attempt=True)
+    wanted = [tid for tid in registry if posted.get(tid) != version]
+    fresh = set(st.claim_pending(wanted, PENDING_TTL))
+    items = [(tid, registry[tid]["source"]) for tid in wanted if tid in fresh]
+    hits = model.cache.lookup_many([registry[tid]["identity"] for tid, _ in items])
+    cached = {tid for (tid, _), hit in zip(items, hits) if hit is not None}
+    jobs = enqueue_predictions(model.redis, model.queue_name, st.id, items, model.options, fetch,
+                               model.batch_size, model.fingerprint, cached=cached)
+    return {"tasks": len(tasks), "queued": len(items), "cached": len(cached),
+            "already_posted": len(registry) - len(wanted), "unreadable": len(errors),
+            "jobs": len(jobs), "version": version}
 
 
 def predict_batch(project_id: str, task_ids: list[str], sources: list[str], options: dict,
                   fetch: dict, run: str | None = None,
                   pipeline_fingerprint: str | None = None) -> dict:
-    """RQ job: embed a batch of tasks' photos into the cache, then POST their predictions.
+    """RQ job: embed a batch of tasks' photos into the cache, then post their predictions.
 
     Only Redis errors and a transient Label Studio failure escape (RQ then retries the job, at
-    most twice; on the last attempt a POST that still fails is recorded as the task's error).
+    most twice; on the last attempt a post that still fails is recorded as the task's error).
     A photo that cannot be read or has no face is posted as an empty result with its reason.
     """
     redis = job_redis()
     embedded = embed_batch(sources, options, fetch, redis=redis)
+    summary = _post(redis, project_id, task_ids, run, pipeline_fingerprint)
+    summary["embedding"] = embedded
+    return summary
+
+
+def post_batch(project_id: str, task_ids: list[str], run: str | None = None,
+               pipeline_fingerprint: str | None = None) -> dict:
+    """RQ job: post the predictions of tasks whose photos are cached (nothing to embed)."""
+    return _post(job_redis(), project_id, task_ids, run, pipeline_fingerprint)
+
+
+def _post(redis, project_id, task_ids, run, pipeline_fingerprint) -> dict:
     model = SubdiscModel.from_env(redis, pipeline_fingerprint)
     job = get_current_job()
-    # On the last attempt, a POST still failing is recorded per task instead of raised, so the
+    if job is not None:
+        model.queue_name = job.origin    # follow-up jobs go where this one came from
+    # On the last attempt, a post still failing is recorded per task instead of raised, so the
     # request's refit still comes and the report says which tasks have no prediction and why.
     last_attempt = job is None or not job.retries_left
     summary = model.post_predictions(project_id, task_ids, last_attempt=last_attempt)
-    summary["embedding"] = embedded
     if summary["retry"]:
         # Raise so RQ retries; tasks already posted with this version are skipped next time.
         raise RuntimeError(f"{summary['retry']} predictions not posted yet: {summary['failures'][0]}")
+    st = ProjectState(redis, project_id)
+    summary["placeholders_removed"] = _repair(st)
     if run is not None:
         if redis.decr(_run_key(redis, project_id, run)) == 0:
             redis.delete(_run_key(redis, project_id, run))
-            summary["refit"] = model.schedule_refit(ProjectState(redis, project_id))
+            summary["refit"] = model.schedule_refit(st)
+            queue_for(redis, model.queue_name).enqueue(
+                settle_placeholders, st.id, job_timeout=int(SETTLE_LIMIT + 300),
+                result_ttl=3600, failure_ttl=7 * 24 * 3600,
+                description=f"settle placeholders (project {st.id})")
     return summary
+
+
+def _label_studio(st: ProjectState):
+    from backend import runtime
+    from backend.labelstudio import LabelStudio
+
+    url, token = runtime.label_studio_target(st.settings())
+    return LabelStudio(url, token, redis=st.redis) if url else None
+
+
+def _repair(st: ProjectState, ls=None) -> int:
+    """Delete the project's placeholders that sit next to a real prediction (never raises: a
+    failed repair is retried by the next batch and by settle_placeholders)."""
+    from backend.labelstudio import LabelStudioError
+    from backend.posting import repair_placeholders
+
+    ls = ls or _label_studio(st)
+    if ls is None:
+        return 0
+    try:
+        return repair_placeholders(ls, st.id)
+    except LabelStudioError as exc:
+        log.warning("project %s: placeholders not checked: %s", st.id, exc)
+        return 0
+
+
+def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: float = SETTLE_LIMIT,
+                        every: float = SETTLE_EVERY) -> dict:
+    """RQ job: repair placeholders until Label Studio's prediction count stays put for `quiet` s.
+
+    Label Studio stores a /predict answer long after the backend gave it (~12 items a second), so
+    a placeholder can land minutes after its task's real prediction; while it stores, the
+    project's prediction count grows.
+    """
+    from backend.labelstudio import LabelStudioError
+
+    st = ProjectState(job_redis(), project_id)
+    ls = _label_studio(st)
+    if ls is None:
+        return {"project": st.id, "removed": 0, "status": "no Label Studio URL"}
+    started = moved = time.monotonic()
+    removed, last = 0, None
+    while time.monotonic() - started < limit:
+        got = _repair(st, ls)
+        removed += got
+        try:
+            total = ls.total_predictions(st.id)
+        except LabelStudioError as exc:
+            log.warning("project %s: %s", st.id, exc)
+            total = last
+        if got or total != last:
+            last, moved = total, time.monotonic()
+        elif time.monotonic() - moved >= quiet:
+            break
+        time.sleep(every)
+    return {"project": st.id, "removed": removed, "seconds": round(time.monotonic() - started, 1)}

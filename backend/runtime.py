@@ -10,9 +10,10 @@
                            /data/local-files/?d=); SUBDISC_EXTRA_ROOTS is os.pathsep-separated
     SUBDISC_FETCH_DEADLINE seconds one image download may take in all (default 30)
     LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY
-                           where Label Studio is and its token; they win over what /setup sends,
-                           because Label Studio's own idea of its address ("localhost:8080") is often
-                           wrong from inside another container
+                           where Label Studio is and its token (a legacy key or a Personal Access
+                           Token); they win over what /setup sends, because Label Studio's own idea
+                           of its address ("localhost:8080") is often wrong from inside another
+                           container. The key is sent only to LABEL_STUDIO_URL's host
     SUBDISC_MAX_BODY_MB    request body limit (default 64)
     SUBDISC_BATCH_SIZE     photos per worker job on "Retrieve predictions" (default 8): smaller
                            batches post their first predictions sooner, larger ones cost less overhead
@@ -20,12 +21,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 
-
 from workers.images import FetchSettings
+from workers.labelstudio_auth import on_origin
 from workers.pipeline import PipelineOptions, parse_upsample
 
 log = logging.getLogger(__name__)
@@ -42,23 +44,43 @@ def pipeline_options() -> PipelineOptions:
 
 
 def label_studio_target(settings: dict | None) -> tuple[str | None, str | None]:
-    """(Label Studio URL, token): the environment's, else what /setup told us."""
+    """(Label Studio URL, token): the environment's when set, else what /setup told us.
+
+    A token goes only to the host it came with: LABEL_STUDIO_API_KEY to LABEL_STUDIO_URL (never to
+    a host named by /setup), /setup's access_token to the hostname of that same /setup call (so a
+    later /setup naming another host without a token gets no token, not the old one).
+    """
     settings = settings or {}
-    url = os.environ.get("LABEL_STUDIO_URL") or settings.get("hostname") or None
-    token = os.environ.get("LABEL_STUDIO_API_KEY") or settings.get("access_token") or None
+    env_url = (os.environ.get("LABEL_STUDIO_URL") or "").strip() or None
+    env_token = (os.environ.get("LABEL_STUDIO_API_KEY") or "").strip() or None
+    url = env_url or settings.get("hostname") or None
+    token = None
+    if env_url and env_token:
+        token = env_token
+    elif url and settings.get("access_token") and on_origin(
+            settings.get("token_hostname", settings.get("hostname")), url):
+        token = settings["access_token"]
+    elif env_token and not _warned.get("env_token"):
+        _warned["env_token"] = True
+        log.warning("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: it is not sent to the "
+                    "host /setup names (%s); set LABEL_STUDIO_URL too", url)
     return (url.rstrip("/") if url else None), token
+
+
+_warned: dict[str, bool] = {}
 
 
 def fetch_settings(settings: dict | None) -> FetchSettings:
     """How to read a project's images: local files roots and allowed hosts from the environment,
-    Label Studio's address and token as in label_studio_target.
+    Label Studio's address and token as in label_studio_target (exactly: the environment's own
+    LABEL_STUDIO_* do not slip back in where label_studio_target chose otherwise).
 
     Task input is not the user's own command line: local files only under the roots (the jobs
     this backend queues carry the policy to the workers).
     """
     url, token = label_studio_target(settings)
-    return FetchSettings.from_env(label_studio_url=url, label_studio_token=token,
-                                  restrict_local=True)
+    return dataclasses.replace(FetchSettings.from_env(restrict_local=True), label_studio_url=url,
+                               label_studio_token=token)
 
 
 def batch_size() -> int:

@@ -3,7 +3,8 @@
 Keys are `subdisc:v1:project:<id>:<what>`; processes keep nothing they cannot rebuild from here, so a
 restarted server or worker carries on where it was:
 
-    settings          JSON   label config, Label Studio host and token from /setup
+    settings          JSON   label config, Label Studio host and token from /setup (and the host
+                             the token came with)
     tasks             hash   task id -> {source, identity}: the photos the project showed us
     shown             hash   task id -> what we last pre-annotated (to count "accepted as is")
     annotations       hash   annotation id -> confirmed values (AnnotationRecord + what was shown)
@@ -79,6 +80,10 @@ class ProjectState:
                     # Keep what an earlier /setup told us when a later call leaves it out.
                     "hostname": hostname or old.get("hostname"),
                     "access_token": access_token or old.get("access_token"),
+                    # The host the token came with: it is sent nowhere else, even when a later
+                    # /setup names another host without a token (runtime.label_studio_target).
+                    "token_hostname": ((hostname or old.get("hostname")) if access_token
+                                       else old.get("token_hostname", old.get("hostname"))),
                     "updated": time.time()}
         with self.redis.pipeline() as pipe:
             pipe.set(self.key("settings"), json.dumps(settings))

@@ -6,7 +6,7 @@ Starts its own redis-server, the backend (`subdisc serve`, gunicorn) and workers
 backend/stack.py (as `subdisc up` does), and a stand-in for Label Studio (tests/backend/standin.py),
 all on free ports. For each worker count, on a cold cache:
 one /predict with N LFW dev photos ("Retrieve predictions" on N tasks) and the time until the last
-prediction is POSTed to the stand-in's /api/predictions. After the first run the photos are cached,
+prediction is posted to the stand-in (one bulk import per batch of SUBDISC_BATCH_SIZE). After the first run the photos are cached,
 and /predict latency is measured for 1 and 100 cached tasks (p50, p99 over --repeat calls).
 """
 from __future__ import annotations
@@ -104,12 +104,16 @@ def main() -> int:
                 first = min(p["_received"] for p in got) - t0
                 last = max(p["_received"] for p in got) - t0
                 with_faces = sum(bool(p["result"]) for p in got)
+                imports = sum(1 for r in ls.requests if r[0] == "POST" and r[1].endswith("/import/predictions"))
+                singles = sum(1 for r in ls.requests if r[:2] == ("POST", "/api/predictions"))
+                ls.requests.clear()
                 # Every task exactly once: a lost or doubled batch would be a bug, not a figure.
                 assert sorted(p["task"] for p in got) == [t["id"] for t in tasks], "tasks lost or doubled"
                 print(f"uncached, {n_workers} worker(s): /predict of {len(tasks)} tasks answered in "
                       f"{answered:.2f}s ({pending} pending); first prediction posted after "
                       f"{first:.1f}s, last of {len(got)} after {last:.1f}s "
-                      f"({len(tasks) / last:.1f} tasks/s; {with_faces} with a face)", flush=True)
+                      f"({len(tasks) / last:.1f} tasks/s; {with_faces} with a face; "
+                      f"{imports} bulk imports, {singles} single posts)", flush=True)
                 if latency is None:
                     latency = {}
                     for size in (1, 100):

@@ -32,6 +32,8 @@ import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from workers import labelstudio_auth
+
 ERROR_KINDS = ("not_found", "unreachable", "forbidden_host", "forbidden_path", "empty", "too_large",
                "too_many_pixels", "not_image", "truncated", "unreadable")
 
@@ -67,7 +69,8 @@ class FetchSettings:
     local_files_root: Label Studio's LOCAL_FILES_DOCUMENT_ROOT; "/data/local-files/?d=REL" is then
         read from disk at ROOT/REL instead of through Label Studio.
     label_studio_url: e.g. http://127.0.0.1:8080; relative "/data/..." URLs are resolved against it.
-    label_studio_token: sent as "Authorization: Token <key>" only to the Label Studio host.
+    label_studio_token: a legacy key or a Personal Access Token (workers/labelstudio_auth.py), sent
+        only to the Label Studio origin.
     allowed_hosts: other hosts http(s) may fetch from ("host" or "host:port"); "*" allows any.
     extra_roots: folders besides local_files_root that task input may name local files in.
     restrict_local: read local files only under local_files_root / extra_roots (the backend sets
@@ -302,6 +305,7 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
     included (a server trickling a byte every few seconds never trips the first).
     """
     ls = _origin(settings.label_studio_url) if settings.label_studio_url else None
+    refreshed = False
     deadline = time.monotonic() + settings.deadline
     for _ in range(MAX_REDIRECTS + 1):
         scheme, host, port = _origin(url)
@@ -312,10 +316,14 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
         if not (is_ls or "*" in allowed or host in allowed or f"{host}:{port}" in allowed):
             raise ImageError("forbidden_host", f"host {host!r} is not allowed: add it to "
                                                "SUBDISC_ALLOWED_HOSTS to fetch images from it")
-        # Same scheme too: never send the token in clear text to an https Label Studio's host.
-        headers = {}
-        if is_ls and scheme == ls[0] and settings.label_studio_token:
-            headers["Authorization"] = f"Token {settings.label_studio_token}"
+        # Only to Label Studio's origin (same scheme too: never in clear text to an https Label
+        # Studio's host); either kind of token (labelstudio_auth refreshes a PAT for an access token).
+        try:
+            headers = labelstudio_auth.headers_for(settings.label_studio_url,
+                                                   settings.label_studio_token, url)
+        except labelstudio_auth.AuthError as e:
+            raise ImageError("unreachable" if e.transient else "unreadable", str(e),
+                             transient=e.transient) from None
         wait = min(settings.timeout, max(deadline - time.monotonic(), 0.001))
         try:
             resp = requests.get(url, headers=headers, timeout=wait, stream=True,
@@ -326,6 +334,10 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
         except requests.RequestException as e:
             raise ImageError("unreadable", f"cannot fetch {url!r}: {e}") from None
         with resp:
+            if resp.status_code == 401 and headers and not refreshed and labelstudio_auth.auth_for(
+                    settings.label_studio_url, settings.label_studio_token).invalidate(headers):
+                refreshed = True
+                continue    # an expired access token: the next try refreshes it (once)
             if resp.is_redirect:
                 url = urljoin(url, resp.headers["location"])
                 continue

@@ -2,8 +2,14 @@
 
 Starts Redis (append-only, so confirmed labels survive a restart), RQ workers, the backend and Label
 Studio 1.23.2 (its own venv, installed on first use), creates or reuses the project for DIR, connects
-the backend, asks for predictions of every photo and shows progress. Ctrl-C stops all it started.
-Running it again on the same folder reuses the project, the Label Studio data and the vector cache.
+the backend, queues every photo on the workers and shows progress while their predictions are
+imported into Label Studio batch by batch. Ctrl-C stops all it started. Running it again on the same
+folder reuses the project, the Label Studio data and the vector cache (nothing is computed again).
+
+It does not click "Retrieve predictions": Label Studio would send every task to /predict in one
+request and then store what it answers (a placeholder per uncached photo) at ~12 a second, 10
+minutes for 7,000 photos. Queuing the photos itself and importing each batch's predictions in one
+request (backend/predict_jobs.py) leaves Label Studio nothing slow to do.
 """
 from __future__ import annotations
 
@@ -12,7 +18,6 @@ import logging
 import os
 import secrets
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from backend.cli import CommandError
 from backend.labeling_config import default_config_xml
 from backend.model import PENDING_SUFFIX
 from backend.ls_setup import Provisioner, absolute, document_root_for, project_title
+from backend.predict_jobs import queue_tasks
 from backend.stack import (DEFAULT_LS_VENV, Stack, check_ports, ensure_label_studio, label_studio_env,
                            stop_on_sigterm)
 from workers.cache import EmbeddingCache
@@ -107,16 +113,18 @@ def run(args) -> int:
             say(f"backend: {backend_url}   report: {backend_url}/report.html   "
                 f"({'new' if project.created else 'existing'} project {project.id})")
             asked = time.monotonic()
-            retrieve = Retrieve(ls, project.id)
-            progress = Progress(ls, project.id, redis_lib.Redis.from_url(redis_url), folder,
-                                PipelineOptions(fallback=args.fallback))
-            done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout, retrieve)
+            redis = redis_lib.Redis.from_url(redis_url)
+            queued = queue_photos(redis, project.id, ls.task_images(project.id), env)
+            say(f"{queued['tasks']} tasks: {queued['already_posted']} predicted already, "
+                f"{queued['queued'] - queued['cached']} photos to embed, {queued['cached']} cached")
+            progress = Progress(ls, project.id, redis, folder, PipelineOptions(fallback=args.fallback))
+            done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout)
             if args.exit_when_done:
                 say(progress.figures(asked, started))
                 if done:
                     # The last post queues a refit over all faces: let it finish, or the next run
                     # starts with a half-done job that RQ can only retry.
-                    drain(stack, redis_lib.Redis.from_url(redis_url), "subdisc", args.stall_timeout)
+                    drain(stack, redis, "subdisc", args.stall_timeout)
                 return 0 if done else 1
     except KeyboardInterrupt:
         say("stopped: every process started by subdisc up has ended")
@@ -141,29 +149,21 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-class Retrieve(threading.Thread):
-    """"Retrieve predictions" in the background: Label Studio answers it only after storing what the
-    backend sent for every task (thousands of rows in SQLite take minutes), and progress is worth
-    showing meanwhile."""
+def queue_photos(redis: redis_lib.Redis, project: int, images: dict, env: dict) -> dict:
+    """Queue the project's tasks on the workers as the backend would (backend.predict_jobs), with
+    the settings the backend and workers run with (`env`, on top of this process's environment)."""
+    from backend import runtime
+    from backend.model import SubdiscModel
 
-    def __init__(self, ls: Provisioner, project: int):
-        super().__init__(name="retrieve-predictions", daemon=True)
-        self.ls, self.project, self.error = ls, project, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.ls.retrieve_predictions(self.project)
-        except Exception as exc:   # reported by check() in the main thread
-            self.error = exc
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise CommandError(f"\"Retrieve predictions\" failed: {self.error}")
+    os.environ.update(env)
+    model = SubdiscModel(redis, queue_name="subdisc", options=runtime.pipeline_options(),
+                         batch_size=runtime.batch_size())
+    return queue_tasks(model, project, images, label_config=default_config_xml())
 
 
 class Progress:
-    """Photos embedded (read from the Redis cache) and predictions posted (read from Label Studio).
+    """Photos embedded (read from the Redis cache) and predictions posted (read from Label Studio:
+    tasks whose predictions are real, no placeholder among them, as a labeler sees them).
 
     The photos are listed from disk, as the storage sync imported them: listing 7,000 tasks from
     Label Studio while it stores predictions in SQLite can take minutes.
@@ -203,8 +203,7 @@ class Progress:
         return (f"photos embedded {self.embedded}/{self.photos}, faces {self.faces}, "
                 f"predictions posted {self.posted}/{self.tasks}  ({time.monotonic() - since:.0f} s)")
 
-    def follow(self, stack: Stack, asked: float, exit_when_done: bool, stall_timeout: float,
-               retrieve: "Retrieve") -> bool:
+    def follow(self, stack: Stack, asked: float, exit_when_done: bool, stall_timeout: float) -> bool:
         """Show progress until every task has a prediction (then return if exit_when_done)."""
         tty = sys.stdout.isatty()
         # A terminal gets one line rewritten in place; a log file a line every 10 s at most.
@@ -212,7 +211,6 @@ class Progress:
         shown, moved, printed = None, time.monotonic(), 0.0
         while True:
             stack.check_alive()
-            retrieve.check()
             state = self.poll()
             complete = self.posted >= self.tasks
             if state != shown:
@@ -237,4 +235,4 @@ class Progress:
     def figures(self, asked: float, started: float) -> str:
         last = (self.last_post or time.monotonic()) - asked
         return (f"done: {self.photos} photos, {self.faces} faces, last prediction {last:.1f} s after "
-                f"\"Retrieve predictions\" ({time.monotonic() - started:.0f} s since start)")
+                f"the project was ready ({time.monotonic() - started:.0f} s since start)")

@@ -389,3 +389,44 @@ def _settled(marker: str, timeout: float = 10) -> list[int]:
     while (left := marked_processes(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+# --- Personal Access Tokens ----------------------------------------------------------------------
+
+def test_a_personal_access_token_works_for_setup_backend_and_workers(predicted, tmp_path):
+    """Label Studio 1.23 hands users PATs (JWT refresh tokens): a backend and workers given one
+    (and nothing else) fetch the photos through Label Studio and import the predictions."""
+    live = predicted
+    resp = requests.post(f"{live.ls_url}/api/token/", headers={"Authorization": f"Token {live.token}"},
+                         timeout=30)
+    assert resp.status_code == 201, resp.text
+    pat = resp.json()["token"]
+    assert requests.get(f"{live.ls_url}/api/projects", timeout=30,
+                        headers={"Authorization": f"Token {pat}"}).status_code == 401
+    ls = Provisioner(live.ls_url, pat)
+    project = ls.find_or_create_project("subdisc e2e pat", default_config_xml())
+    photos = sorted(live.photos.iterdir())[:4]
+    folder = live.photos.parent / "pat"
+    folder.mkdir(exist_ok=True)
+    for p in photos:
+        (folder / f"pat-{p.name}").write_bytes(p.read_bytes())   # new bytes paths: not cached
+    ls.ensure_local_storage(project.id, folder)
+    tasks = ls.task_images(project.id)
+    assert len(tasks) == len(photos)
+    with stack_mod.Stack(tmp_path / "logs") as stack:
+        # No local files root: the workers must fetch every photo through Label Studio, with the PAT.
+        env = {"SUBDISC_REDIS_URL": live.redis_url, "LABEL_STUDIO_URL": live.ls_url,
+               "LABEL_STUDIO_API_KEY": pat, "SUBDISC_QUEUE": "subdisc-pat",
+               "SUBDISC_LOCAL_FILES_ROOT": "", "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": ""}
+        stack.start_workers(1, live.redis_url, "subdisc-pat", env)
+        backend_url = stack.start_backend(free_port(), env)
+        ls.connect_backend(project.id, backend_url, title="subdisc-pat")
+        ls.retrieve_predictions(project.id)
+        wait_for("predictions made with a PAT",
+                 lambda: ls.count_predicted(project.id, PENDING_SUFFIX) == len(tasks), live)
+    with_faces = 0
+    for task in tasks:
+        got = [p for p in ls.ls.predictions.list(task=task) if PENDING_SUFFIX not in (p.model_version or "")]
+        assert got, task
+        with_faces += any(r["type"] == "rectanglelabels" for p in got for r in p.result)
+    assert with_faces >= 1, "no face found in photos fetched through Label Studio with the PAT"

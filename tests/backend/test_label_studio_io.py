@@ -1,0 +1,264 @@
+"""Talking to Label Studio: bulk posting, both kinds of token, where a token goes, the placeholder race.
+
+Real HTTP against the stand-in Label Studio (tests/backend/standin.py), real Redis, and for the
+end-to-end cases the real server (`subdisc serve`) with real RQ workers.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import posting, runtime
+from backend.labeling_config import default_config_xml
+from backend.labelstudio import LabelStudio, LabelStudioError
+from backend.model import PENDING_SUFFIX
+from backend.predictions import empty
+from backend.state import ProjectState
+from workers import labelstudio_auth
+from workers.images import FetchSettings, read_bytes
+
+from tests.backend.standin import StandInLabelStudio, make_jwt, make_pat
+from tests.backend.test_server import PROJECT, ls_task, serve
+
+
+def noise_photos(tmp_path, n: int, seed: int = 5) -> list[str]:
+    """Small distinct photos without a face: each embeds in milliseconds."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"noise{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def bulk_requests(ls) -> list:
+    return [r for r in ls.requests if r[0] == "POST" and r[1].endswith("/import/predictions")]
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+def test_token_kinds_and_origins():
+    assert labelstudio_auth.token_kind("0123456789abcdef0123456789abcdef01234567") == "legacy"
+    assert labelstudio_auth.token_kind(make_pat()) == "refresh"
+    assert labelstudio_auth.token_kind(make_jwt({"token_type": "access", "exp": 1})) == "access"
+    assert labelstudio_auth.token_kind("a.b.c") == "legacy"       # not base64 JSON
+    on = labelstudio_auth.on_origin
+    assert on("http://ls:8080", "http://LS:8080/data/upload/1/a.jpg")
+    assert on("https://ls", "https://ls:443/x") and on("http://ls/", "http://ls:80/x")
+    assert not on("http://ls:8080", "http://ls:8081/x")           # another port
+    assert not on("https://ls", "http://ls/x")                    # clear text to an https host
+    assert not on("http://ls:8080", "http://ls.evil:8080/x")
+    assert not on("http://ls:8080", "http://evil/?u=http://ls:8080")
+    assert not on(None, "http://ls/x") and not on("http://ls", "file:///etc/passwd")
+
+
+def test_a_pat_is_refreshed_cached_and_refreshed_again_after_a_401(tmp_path):
+    uploads = tmp_path / "uploads"
+    (uploads / "1").mkdir(parents=True)
+    (uploads / "1" / "a.jpg").write_bytes(b"image bytes")
+    pat = make_pat()
+    with StandInLabelStudio(token=None, pat=pat, uploads=uploads) as ls:
+        client = LabelStudio(ls.url, pat)
+        client.post_prediction(1, empty("v1"))
+        client.post_prediction(2, empty("v1"))
+        assert ls.refreshes == 1                                     # cached between requests
+        assert all(p["_authorization"].startswith("Bearer ") for p in ls.predictions)
+        assert not any(pat in r[2] for r in ls.requests)             # the PAT itself is never sent
+        ls.expire_access()                                           # as after its lifetime
+        client.post_prediction(3, empty("v1"))
+        assert ls.refreshes == 2 and len(ls.predictions) == 3        # 401 -> refreshed, retried once
+
+        # The workers' upload fetch takes the same token, and refreshes on a 401 too.
+        settings = FetchSettings(label_studio_url=ls.url, label_studio_token=pat)
+        assert read_bytes("/data/upload/1/a.jpg", settings) == b"image bytes"
+        ls.expire_access()
+        assert read_bytes("/data/upload/1/a.jpg", settings) == b"image bytes"
+        assert ls.refreshes == 3
+
+        # A revoked PAT is a clear, permanent error, not a retry loop.
+        with pytest.raises(LabelStudioError) as err:
+            LabelStudio(ls.url, make_pat()).post_prediction(4, empty("v1"))
+        assert not err.value.transient and "Personal Access Token" in str(err.value)
+
+
+def test_an_access_token_is_shared_by_forked_jobs_through_redis(redis_conn):
+    pat = make_pat()
+    with StandInLabelStudio(token=None, pat=pat) as ls:
+        first = labelstudio_auth.LabelStudioAuth(ls.url, pat, redis=redis_conn)
+        second = labelstudio_auth.LabelStudioAuth(ls.url, pat, redis=redis_conn)  # another fork
+        assert first.headers() == second.headers() and ls.refreshes == 1
+
+
+def test_a_legacy_key_is_sent_as_token(tmp_path):
+    with StandInLabelStudio(token="0123456789abcdef") as ls:
+        LabelStudio(ls.url, "0123456789abcdef").post_prediction(1, empty("v1"))
+        assert ls.predictions[0]["_authorization"] == "Token 0123456789abcdef"
+        assert ls.refreshes == 0
+
+
+def test_setup_tokens_go_only_to_the_host_they_came_with(redis_conn, monkeypatch):
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    st = ProjectState(redis_conn, 7)
+    st.save_settings("<View/>", "http://ls-a:8080", "tok-a")
+    assert runtime.label_studio_target(st.settings()) == ("http://ls-a:8080", "tok-a")
+    st.save_settings("<View/>")                                   # a webhook: same host, same token
+    assert runtime.label_studio_target(st.settings()) == ("http://ls-a:8080", "tok-a")
+    st.save_settings("<View/>", "http://other-host")              # another host, no token
+    assert runtime.label_studio_target(st.settings()) == ("http://other-host", None)
+    fetch = runtime.fetch_settings(st.settings())
+    assert fetch.label_studio_url == "http://other-host" and fetch.label_studio_token is None
+    st.save_settings("<View/>", "http://other-host", "tok-b")     # its own token: fine
+    assert runtime.label_studio_target(st.settings()) == ("http://other-host", "tok-b")
+
+    # The environment wins, and its key goes only to its URL.
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://ls-env:8080")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "tok-env")
+    assert runtime.label_studio_target(st.settings()) == ("http://ls-env:8080", "tok-env")
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY")
+    assert runtime.label_studio_target(st.settings()) == ("http://ls-env:8080", None)   # tok-b is not its
+    monkeypatch.delenv("LABEL_STUDIO_URL")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "tok-env")
+    st.save_settings("<View/>", "http://evil", None)
+    assert runtime.label_studio_target(st.settings()) == ("http://evil", None)
+    assert runtime.fetch_settings(st.settings()).label_studio_token is None
+
+
+def test_a_second_setup_naming_another_host_gets_no_token(redis_url, redis_conn, rq_workers, tmp_path):
+    """Issue 11 item 4: without LABEL_STUDIO_URL, /setup with another hostname and no token."""
+    config = default_config_xml()
+    rq_workers.start(1)
+    with serve(redis_url) as server, StandInLabelStudio(token="tok-a") as first, \
+            StandInLabelStudio(token=None) as other:
+        assert server.setup(config, hostname=first.url, token="tok-a").status_code == 200
+        assert server.setup(config, hostname=other.url, token="").status_code == 200
+        task = ls_task(501, noise_photos(tmp_path, 1)[0])
+        assert server.predict([task], config).status_code == 200
+        deadline = time.monotonic() + 60
+        while not any(r[0] == "POST" for r in other.requests) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        posts = [r for r in other.requests if r[0] == "POST"]
+        assert posts, "nothing was posted to the host /setup named last"
+        assert all("tok-a" not in r[2] for r in other.requests)
+        assert first.requests == []
+
+
+# --- bulk posting ------------------------------------------------------------------------------
+
+def test_each_batch_is_imported_in_one_request_and_nothing_twice(redis_url, redis_conn, rq_workers,
+                                                                 tmp_path):
+    config = default_config_xml()
+    paths = noise_photos(tmp_path, 12)
+    tasks = [ls_task(600 + i, p) for i, p in enumerate(paths)]
+    rq_workers.start(2)
+    with serve(redis_url, SUBDISC_BATCH_SIZE="4") as server, StandInLabelStudio(token="tok-b") as ls:
+        assert server.setup(config, hostname=ls.url, token="tok-b").status_code == 200
+        assert server.predict(tasks, config).status_code == 200
+        ls.wait_for(12, timeout=120)
+        time.sleep(1)
+        assert sorted(p["task"] for p in ls.predictions) == [t["id"] for t in tasks]   # each once
+        assert {p["_via"] for p in ls.predictions} == {"bulk"}
+        assert len(bulk_requests(ls)) == 3                          # 12 tasks, batches of 4
+        assert not [r for r in ls.requests if r[:2] == ("POST", "/api/predictions")]
+        # Asked again: all cached, answered in /predict itself, nothing posted.
+        again = server.predict(tasks, config).json()["results"]
+        assert not any(PENDING_SUFFIX in p["model_version"] for p in again)
+        time.sleep(1)
+        assert len(ls.predictions) == 12 and len(bulk_requests(ls)) == 3
+
+
+def test_a_refused_bulk_import_falls_back_to_one_post_per_task(redis_url, redis_conn, rq_workers,
+                                                               tmp_path):
+    config = default_config_xml()
+    tasks = [ls_task(700 + i, p) for i, p in enumerate(noise_photos(tmp_path, 9, seed=6))]
+    rq_workers.start(1)
+    with serve(redis_url, SUBDISC_BATCH_SIZE="3") as server, \
+            StandInLabelStudio(token="tok-c", bulk_status=405) as ls:
+        assert server.setup(config, hostname=ls.url, token="tok-c").status_code == 200
+        assert server.predict(tasks, config).status_code == 200
+        ls.wait_for(9, timeout=120)
+        time.sleep(1)
+        assert sorted(p["task"] for p in ls.predictions) == [t["id"] for t in tasks]
+        assert {p["_via"] for p in ls.predictions} == {"single"}
+        assert len(bulk_requests(ls)) == 1          # refused once, then remembered for the project
+
+
+def test_a_bad_item_costs_that_item_only_and_a_lost_answer_is_not_resent(redis_conn):
+    st = ProjectState(redis_conn, 9)
+    good = [(str(t), empty("v1")) for t in (1, 2, 3)]
+    bad = ("4", {"model_version": "v1", "result": "not a list"})
+    with StandInLabelStudio(token="k") as ls:
+        out = posting.send(LabelStudio(ls.url, "k"), st, [*good, bad], first_wait=0.01)
+        assert sorted(out.posted) == ["1", "2", "3"] and list(out.errors) == ["4"]
+        assert "HTTP 400" in out.errors["4"]
+        assert sorted(p["task"] for p in ls.predictions) == [1, 2, 3]
+        assert st.posted_versions(["1", "4"]) == {"1": "v1", "4": None}
+
+    # Label Studio stores the import but the answer is lost (a 502 from a proxy, a timeout):
+    # the retry asks which tasks hold the version already and sends nothing twice.
+    with StandInLabelStudio(token="k") as ls:
+        client = LabelStudio(ls.url, "k")
+        real, lost = client.import_predictions, []
+
+        def stored_then_lost(project, items):
+            real(project, items)
+            if not lost:
+                lost.append(items)
+                raise LabelStudioError("HTTP 502 Bad Gateway", transient=True, status=502)
+        client.import_predictions = stored_then_lost
+        items = [(str(t), empty("v2")) for t in (11, 12)]
+        out = posting.send(client, ProjectState(redis_conn, 10), items, first_wait=0.01)
+        assert lost and sorted(out.posted) == ["11", "12"] and not out.errors
+        assert sorted(p["task"] for p in ls.predictions) == [11, 12]      # once each
+
+
+# --- the placeholder race (issue 11, item 8) ---------------------------------------------------
+
+def test_no_placeholder_stays_newer_than_the_real_prediction(redis_url, redis_conn, rq_workers,
+                                                             tmp_path):
+    """"Retrieve predictions" on uncached photos: Label Studio stores the /predict answer (empty
+    "+pending" placeholders) slowly, while the workers post the real predictions within a second
+    or two. Without the repair most placeholders land after, and become what the labeler sees."""
+    config = default_config_xml()
+    tasks = [ls_task(800 + i, p) for i, p in enumerate(noise_photos(tmp_path, 24, seed=8))]
+    rq_workers.start(2)
+    with serve(redis_url, SUBDISC_BATCH_SIZE="2") as server, StandInLabelStudio(token="tok-r") as ls:
+        ls.tasks = {t["id"]: t["data"] for t in tasks}
+        assert server.setup(config, hostname=ls.url, token="tok-r").status_code == 200
+        answer = ls.retrieve(server.url, PROJECT, tasks, config, rate=4, auth=server.http.auth)
+        assert all(p["model_version"].endswith(PENDING_SUFFIX) for p in answer)
+        ls.wait_for(24, timeout=120)
+        first_real = min(p["_received"] for p in ls.predictions if p["_via"] == "bulk")
+        for thread in ls.storing:
+            thread.join(60)
+        stored_after = [p for p in ls.predictions
+                        if p["_via"] == "predict" and p["_received"] > first_real]
+        assert stored_after, "no placeholder was stored after a real prediction: no race to test"
+
+        def settled():
+            latest = {t["id"]: ls.latest(t["id"]) for t in tasks}
+            return all(p is not None and PENDING_SUFFIX not in p["model_version"]
+                       for p in latest.values())
+        deadline = time.monotonic() + 60
+        while not settled():
+            assert time.monotonic() < deadline, (
+                "placeholders newer than the real prediction: "
+                f"{sum(PENDING_SUFFIX in ls.latest(t['id'])['model_version'] for t in tasks)} of 24")
+            time.sleep(0.5)
+        for t in tasks:
+            live = ls.live(t["id"])
+            assert len(live) == 1 and PENDING_SUFFIX not in live[0]["model_version"], live
+        assert sorted(p["task"] for p in ls.predictions if p["_via"] == "bulk") == sorted(ls.tasks)
+
+
+def test_list_tasks_pages_until_the_total(redis_conn):
+    with StandInLabelStudio(token="k") as ls:
+        ls.tasks = {i: {"image": f"/data/upload/1/{i}.jpg"} for i in range(1, 251)}
+        got = LabelStudio(ls.url, "k").list_tasks(1, page_size=100)
+        assert [t["id"] for t in got] == list(range(1, 251))
+        pages = [r for r in ls.requests if r[1].startswith("/api/tasks")]
+        assert len(pages) == 3 and all("review=true" in r[1] for r in pages)
