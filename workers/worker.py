@@ -30,7 +30,7 @@ JOB_MODULES = ("workers.jobs", "backend.predict_jobs", "backend.refit", "backend
 #: Errors that mean "Redis is away", not "this job is wrong".
 REDIS_DOWN = (redis_lib.exceptions.ConnectionError, redis_lib.exceptions.TimeoutError)
 #: Seconds between reconnection attempts: doubling from the first to the last.
-BACKOFF = (0.5, 10.0)
+BACKOFF = (0.5, 5.0)
 #: Seconds between rq's maintenance (registry clean-up: a job abandoned by a work-horse that died
 #: while Redis was away is retried from there). rq's default is 10 minutes.
 MAINTENANCE_INTERVAL = 60
