@@ -164,7 +164,11 @@ import sys, time
 import redis
 from backend.state import ProjectState
 st = ProjectState(redis.Redis.from_url(sys.argv[1]), "1")
-with st.refit_lock():
+try:
+    lock = st.refit_lock()          # the lock as a refit takes it
+except TypeError:                   # before the fix: refit_lock(REFIT_TIMEOUT), 3600 s
+    lock = st.refit_lock(3600)
+with lock:
     print("held", flush=True)
     time.sleep(3600)
 """
