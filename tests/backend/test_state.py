@@ -166,3 +166,23 @@ def test_refit_wanted_and_reconcile_claims(redis_conn):
     assert st.claim_reconcile(0.3) is True and st.claim_reconcile(0.3) is False
     time.sleep(0.4)
     assert st.claim_reconcile(0.3) is True
+
+
+def test_a_refit_that_finds_the_lock_busy_gives_up_and_the_holder_queues_another(
+        redis_conn, redis_url, monkeypatch):
+    from backend.refit import refit_project
+    from tests.backend.helpers import TWO_ATTRIBUTES
+
+    monkeypatch.setenv("SUBDISC_REDIS_URL", redis_url)       # refit_project outside RQ: this Redis
+    monkeypatch.setenv("SUBDISC_QUEUE", "subdisc-state-test")
+    monkeypatch.setenv("SUBDISC_REFIT_LOCK_WAIT", "0.3")
+    st = ProjectState(redis_conn, "12")
+    st.save_settings(TWO_ATTRIBUTES)
+    with st.refit_lock(ttl=5.0, wait=0.1):                  # another refit is running
+        started = time.monotonic()
+        assert refit_project("12")["status"] == "busy"
+        assert time.monotonic() - started < 5               # it did not wait for the holder
+    assert st.queued_refit() is None
+    # The next refit to end sees the note and queues the refit that gave up.
+    assert refit_project("12")["status"] in ("changed", "unchanged")
+    assert st.queued_refit() is not None and not st.take_refit_wanted()
