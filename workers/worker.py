@@ -21,6 +21,7 @@ import time
 
 import redis as redis_lib
 from rq import Worker
+from rq.job import JobStatus
 
 from workers.connection import redis_url
 from workers.pipeline import PipelineOptions, describe_dlib, fingerprint, get_pipeline
@@ -34,6 +35,9 @@ BACKOFF = (0.5, 5.0)
 #: Seconds between rq's maintenance (registry clean-up: a job abandoned by a work-horse that died
 #: while Redis was away is retried from there). rq's default is 10 minutes.
 MAINTENANCE_INTERVAL = 60
+#: rq's worker TTL (--worker-ttl): an idle worker wakes every WORKER_TTL - 15 s, so maintenance
+#: runs about every MAINTENANCE_INTERVAL.
+WORKER_TTL = 75
 
 log = logging.getLogger("subdisc.worker")
 
@@ -46,6 +50,7 @@ class ResilientWorker(Worker):
         super().__init__(*args, **kwargs)
         self.reconnections = 0
         self._redis_lost = False
+        self._interrupted = None
 
     # --- where rq's loop lets a Redis error end the worker -------------------------------------
     def maintain_heartbeats(self, job, execution):
@@ -57,7 +62,12 @@ class ResilientWorker(Worker):
                              self.name, exc)
 
     def execute_job(self, job, queue):
-        return self._noting_redis_loss(super().execute_job, job, queue)
+        try:
+            return super().execute_job(job, queue)
+        except REDIS_DOWN:
+            self._redis_lost = True
+            self._interrupted = (job, queue)   # dequeued, and perhaps never run: see _resume_job
+            raise
 
     def heartbeat(self, *args, **kwargs):
         return self._noting_redis_loss(super().heartbeat, *args, **kwargs)
@@ -89,6 +99,7 @@ class ResilientWorker(Worker):
             self.reconnections += 1
             self._wait_for_redis()
             self._forget_last_life()
+            self._resume_job()
 
     def _wait_for_redis(self) -> None:
         wait, cap = BACKOFF
@@ -104,6 +115,44 @@ class ResilientWorker(Worker):
                                  self.name, exc, wait)
             time.sleep(wait)
             wait = min(2 * wait, cap)
+
+    def _resume_job(self) -> None:
+        """The job in hand when Redis went away, put back in line at once.
+
+        Dequeued but not started (Redis died between the two), it sits in rq's intermediate queue,
+        which only maintenance clears, a minute after first seeing it; started, with its work-horse
+        gone, it waits for its registry entry to expire. Either way the job would idle for minutes.
+        Not started: back to the front of its queue. Started and unfinished: a failure, which RQ
+        retries while the job has retries left (as when a work-horse is killed).
+        """
+        if self._interrupted is None:
+            return
+        (job, queue), self._interrupted = self._interrupted, None
+        if self._horse_pid:
+            try:
+                os.waitpid(self._horse_pid, 0)
+            except ChildProcessError:
+                pass
+            self._horse_pid = 0
+        try:
+            status = job.get_status()
+        except Exception:  # noqa: BLE001 - gone (InvalidJobOperation / NoSuchJobError): nothing to do
+            return
+        try:
+            queue.connection.lrem(queue.intermediate_queue_key, 1, job.id)
+            if status == JobStatus.QUEUED:
+                self.log.warning("Worker %s: job %s was dequeued as Redis went away; queued again",
+                                 self.name, job.id)
+                queue.push_job_id(job.id, at_front=True)
+            elif status == JobStatus.STARTED:
+                self.log.warning("Worker %s: job %s was cut off by the Redis outage; failing it so RQ "
+                                 "retries it", self.name, job.id)
+                execution = next((e for e in list(getattr(self, "executions", {}).values())
+                                  if getattr(e, "job_id", None) == job.id), None)
+                self.handle_job_failure(job, queue, exc_string="cut off by a Redis outage",
+                                        execution=execution)
+        except REDIS_DOWN:
+            pass   # gone again: the registries' clean-up takes it from here
 
     def _forget_last_life(self) -> None:
         """What rq's teardown would have done had Redis answered: a clean slate for work()."""
@@ -140,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not any(a == "-u" or a.startswith("--url") for a in argv):
         argv = ["--url", redis_url(), *argv]
+    if not any(a == "--worker-ttl" or a.startswith("--worker-ttl=") for a in argv):
+        # An idle worker blocks on Redis for worker_ttl - 15 s and runs its maintenance only in
+        # between: rq's 420 s default left jobs stuck by an outage for 7 minutes.
+        argv = ["--worker-ttl", str(WORKER_TTL), *argv]
     if not any(a in ("-w", "--worker-class") or a.startswith("--worker-class=") for a in argv) \
             and not os.environ.get("RQ_WORKER_CLASS"):
         argv = ["--worker-class", "workers.worker.ResilientWorker", *argv]

@@ -141,14 +141,16 @@ def test_a_redis_sigkill_and_restart_loses_nothing(restartable_redis, fault_work
         assert max(posts.values()) == 1, posts
         # The workers rode it out, and still work: a refit after the outage runs to its end.
         assert [p.poll() for p in procs] == [None, None], fault_workers.output()
-        version = backend.setup(TWO_ATTRIBUTES).json()["model_version"]
         ls.remove_annotation(1 + 1000 % len(tasks), 1000)
         sent.discard(1000)
         r = backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1000}],
                                       "project": {"id": 1}})
         assert r.status_code == 200 and r.json()["changed"] == 1
-        wait_until("a refit after the outage",
-                   lambda: backend.setup(TWO_ATTRIBUTES).json()["model_version"] != version, 90,
+        from rq.job import Job
+
+        job_id = r.json()["refit"] or ProjectState(client, "1").queued_refit()
+        wait_until("a refit after the outage, run to its end",
+                   lambda: Job.fetch(job_id, connection=client).get_status() == "finished", 150,
                    log=fault_workers.output)
         reconnections = fault_workers.output().count("Redis is back")
 
