@@ -97,15 +97,18 @@ class LabelStudio:
 
     # --- tasks -------------------------------------------------------------------------------
     def list_tasks(self, project, page_size: int = 1000, filters: list[dict] | None = None,
-                   include: str = "id,data") -> list[dict]:
-        """Every task of the project (id and data by default), page by page until `total`.
+                   include: str | None = "id,data", fields: str = "task_only") -> list[dict]:
+        """Every task of the project (id and data by default; include=None, fields="all": whole
+        tasks with their annotations), page by page until `total`.
 
         Label Studio ignores page_size=-1 and answers 100 a page by default: page and page_size
         are always passed, and paging stops at the total it reports (or a short/missing page).
         """
         tasks, page = [], 1
-        params = {"project": int(project), "page_size": page_size, "fields": "task_only",
-                  "include": include, "review": "true"}
+        params = {"project": int(project), "page_size": page_size, "fields": fields,
+                  "review": "true"}
+        if include:
+            params["include"] = include
         if filters:
             params["query"] = json.dumps({"filters": {"conjunction": "and", "items": filters}})
         while True:

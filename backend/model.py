@@ -33,7 +33,7 @@ from backend.labeling_config import ConfigError, LabelingConfig, parse
 from backend.posting import PENDING_SUFFIX
 from backend.predictions import box_percent, build, empty, pending
 from backend.project_model import Clusterings, ProjectModel, fit_project
-from backend.state import ProjectState
+from backend.state import LockBusy, ProjectState
 from workers import connection
 from workers.cache import EmbeddingCache
 from workers.images import ImageError, source_identity
@@ -47,6 +47,8 @@ PENDING_TTL = 3600
 #: Without any model yet, /predict fits one itself if the project is at most this big (tasks);
 #: bigger ones are fitted by a worker.
 INLINE_FIT_TASKS = 2000
+#: Seconds /predict or a posting job, holding a model already, waits for a running refit's lock.
+INLINE_LOCK_WAIT = 2.0
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
 
@@ -420,23 +422,31 @@ class SubdiscModel:
         if model is not None and not self._grown(st, model):
             return model
         if inline and (model is not None or self.redis.hlen(st.key("tasks")) <= INLINE_FIT_TASKS):
-            self.refit(st.id, only_if_needed=True)
+            try:
+                # With a model to answer with, do not wait long for a running refit; without one,
+                # wait (bounded) for the first model rather than post names-less predictions.
+                self.refit(st.id, only_if_needed=True,
+                           wait=INLINE_LOCK_WAIT if model is not None else None)
+            except LockBusy:   # a worker is refitting: answer with what we have, it will store its own
+                return self.current_model(st, config) or model
             return self.current_model(st, config) or model
         self.schedule_refit(st)
         return model
 
-    def refit(self, project, only_if_needed: bool = False) -> dict:
+    def refit(self, project, only_if_needed: bool = False, wait: float | None = None) -> dict:
         """Re-cluster (when the faces grew), re-name from confirmations, re-score; bump the version
-        if the model changed. One at a time per project (a Redis lock), whichever process runs it."""
+        if the model changed. One at a time per project (a Redis lock), whichever process runs it.
+
+        wait: seconds to wait for another refit's lock (default SUBDISC_REFIT_LOCK_WAIT), then
+        LockBusy; also LockBusy when the lock lapsed before the result was stored (nothing stored).
+        """
         st = ProjectState(self.redis, project)
         settings = st.settings()
         if not settings:
             return {"project": st.id, "status": "not set up"}
         config = self.config(settings["label_config"])
-        from backend.refit import REFIT_TIMEOUT
-
-        # Held as long as a refit job may run: a lock expiring mid-refit would let a second one in.
-        with st.refit_lock(REFIT_TIMEOUT):
+        # A short TTL renewed while we run: a killed refit frees it within a minute.
+        with st.refit_lock(wait=wait) as lock:
             old = st.load_model()
             old_meta = old[1] if old is not None else {}
             if only_if_needed:
@@ -460,6 +470,8 @@ class SubdiscModel:
             changed = content != old_meta.get("content_hash")
             number = int(old_meta.get("number", 0)) + int(changed)
             model.version = f"subdisc-{number}-{content[:6]}" if changed else old_meta["version"]
+            if not lock.owned():   # lapsed during a Redis outage: another refit may be storing
+                raise LockBusy(f"project {st.id}: the refit lock lapsed; this refit stored nothing")
             blob, meta = model.to_stored()
             digest = hashlib.sha256(repr(sorted((a, list(v)) for a, v in labels.items())).encode()).hexdigest()
             meta |= {"number": number, "labels_digest": digest, "label_stats": label_stats,

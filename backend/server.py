@@ -205,13 +205,37 @@ def setup():
     return jsonify({"model_version": version})
 
 
+#: Set when this process answered a webhook 503 (Redis away): Label Studio never resends it, so the
+#: next webhook that goes through queues a reconciliation of its project at once.
+_webhook_lost = threading.Event()
+
+
 @_json_errors
 def webhook():
     data = request.get_json()
     action = data.get("action")
     if not isinstance(action, str):
         raise ValueError("a webhook needs an 'action'")
-    return jsonify(get_model().record_event(action, data))
+    model = get_model()
+    try:
+        summary = model.record_event(action, data)
+    except redis_lib.RedisError:
+        _webhook_lost.set()
+        raise                                   # 503 (_json_errors): reconciliation recovers it
+    from backend.reconcile import schedule_reconcile
+    from backend.state import ProjectState
+
+    force = _webhook_lost.is_set()
+    _webhook_lost.clear()
+    try:
+        # After a lost webhook, every project: we cannot tell which one it was for.
+        projects = ProjectState.projects(model.redis) if force else [summary["project"]]
+        jobs = [schedule_reconcile(model.redis, model.queue_name, p, model.fingerprint, force=force)
+                for p in projects]
+        summary["reconcile"] = [j for j in jobs if j] or None
+    except redis_lib.RedisError:
+        _webhook_lost.set()                     # the event is stored; reconcile on the next one
+    return jsonify(summary)
 
 
 @_json_errors

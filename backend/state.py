@@ -16,19 +16,47 @@ restarted server or worker carries on where it was:
     history           list   one JSON entry per refit that changed something
     errors            hash   task id -> why its photo gave no prediction
     pending, posted   hash   tasks queued for the async path / model version last POSTed per task
+    lock:refit        str    held by the running refit: a 60 s TTL renewed while it runs, so a
+                             holder killed (or a lock restored from the append-only file) frees it
+                             within a minute
+    refit_queued, refit_wanted   a refit is queued (its job id) / one was skipped while another ran
+    reconcile_claim   str    a reconciliation with Label Studio ran recently (backend/reconcile.py)
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import threading
 import time
 
 import redis as redis_lib
+from redis.exceptions import LockError
 
 from backend.annotations import AnnotationRecord
 
 SCHEMA = "subdisc:v1"
 PROJECTS = f"{SCHEMA}:projects"
 HISTORY_LIMIT = 1000
+#: Seconds the refit lock lives unless renewed (SUBDISC_REFIT_LOCK_TTL); renewed every third of it.
+REFIT_LOCK_TTL = 60.0
+#: Seconds a refit waits for another one's lock before giving up (SUBDISC_REFIT_LOCK_WAIT): longer
+#: than the TTL, so a dead holder's lock always expires within the wait.
+REFIT_LOCK_WAIT = 90.0
+
+log = logging.getLogger(__name__)
+
+
+class LockBusy(Exception):
+    """Another process holds the project's refit lock (or this one lost it): try again later."""
+
+
+def lock_settings() -> tuple[float, float]:
+    """(TTL, wait) of the refit lock in seconds, from the environment."""
+    ttl = float(os.environ.get("SUBDISC_REFIT_LOCK_TTL") or REFIT_LOCK_TTL)
+    wait = float(os.environ.get("SUBDISC_REFIT_LOCK_WAIT") or max(REFIT_LOCK_WAIT, 1.5 * ttl))
+    return ttl, wait
 
 # Compare-and-set of one annotation, atomic across server processes: store it only if it was not
 # deleted and is newer than what we hold. A replayed or out-of-order webhook then changes nothing.
@@ -177,9 +205,47 @@ class ProjectState:
                 pipe.set(self.key(f"{name}_version"), version)
             pipe.execute()
 
-    def refit_lock(self, timeout: float):
-        """A Redis lock: one refit of a project at a time, whichever process runs it."""
-        return self.redis.lock(self.key("lock:refit"), timeout=timeout)
+    @contextlib.contextmanager
+    def refit_lock(self, ttl: float | None = None, wait: float | None = None):
+        """Hold the project's refit lock: one refit at a time, whichever process runs it.
+
+        The lock expires `ttl` s after its last renewal; a thread renews it every ttl/3 while the
+        body runs, so only a dead holder (SIGKILL, a lost host, a lock brought back by Redis' append-
+        only file) lets it lapse, and then within `ttl`. Waits at most `wait` s for another holder,
+        then raises LockBusy. Yields the redis Lock: `lock.owned()` tells whether it is still ours
+        (a Redis outage longer than the TTL can cost it).
+        """
+        default_ttl, default_wait = lock_settings()
+        ttl = default_ttl if ttl is None else ttl
+        wait = default_wait if wait is None else wait
+        # thread_local=False: the renewing thread must see the token the acquiring thread got.
+        lock = self.redis.lock(self.key("lock:refit"), timeout=ttl, blocking_timeout=wait,
+                               sleep=0.2, thread_local=False)
+        if not lock.acquire():
+            raise LockBusy(f"project {self.id}: another refit held the lock for {wait:.0f} s")
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(ttl / 3):
+                try:
+                    lock.reacquire()          # TTL back to `ttl`, only if the token is still ours
+                except LockError:
+                    log.warning("project %s: the refit lock expired under this refit", self.id)
+                    return
+                except redis_lib.RedisError as exc:   # Redis away: try again at the next tick
+                    log.warning("project %s: cannot renew the refit lock: %s", self.id, exc)
+
+        renewer = threading.Thread(target=renew, name=f"refit-lock-{self.id}", daemon=True)
+        renewer.start()
+        try:
+            yield lock
+        finally:
+            stop.set()
+            renewer.join()
+            try:
+                lock.release()
+            except (LockError, redis_lib.RedisError):
+                pass   # expired already, or Redis is away: it frees itself within `ttl`
 
     # --- history -----------------------------------------------------------------------------
     def append_history(self, entry: dict) -> None:
@@ -239,9 +305,18 @@ class ProjectState:
         self.redis.hset(self.key("posted"), str(task_id), version)
 
     # --- refit scheduling --------------------------------------------------------------------
-    def claim_refit(self, ttl: int = 3600) -> bool:
-        """True if no refit is queued yet (the caller then queues one)."""
-        return bool(self.redis.set(self.key("refit_queued"), repr(time.time()), nx=True, ex=ttl))
+    def claim_refit(self, ttl: int = 600, job_id: str = "") -> bool:
+        """True if no refit is queued yet (the caller then queues one, and names it with
+        set_queued_refit). A claim whose job is gone lapses after `ttl` s at the latest."""
+        return bool(self.redis.set(self.key("refit_queued"), job_id or f"claim:{time.time()!r}",
+                                   nx=True, ex=ttl))
+
+    def set_queued_refit(self, job_id: str) -> None:
+        self.redis.set(self.key("refit_queued"), job_id, xx=True, keepttl=True)
+
+    def queued_refit(self) -> str | None:
+        value = self.redis.get(self.key("refit_queued"))
+        return value.decode() if value is not None else None
 
     def refit_started(self) -> None:
         # From here on, a new confirmation needs a new refit: let the next event queue one.
@@ -249,3 +324,16 @@ class ProjectState:
 
     def refit_queued(self) -> bool:
         return bool(self.redis.exists(self.key("refit_queued")))
+
+    def want_refit(self) -> None:
+        """A refit gave up waiting for the lock: the holder queues another when it is done."""
+        self.redis.set(self.key("refit_wanted"), repr(time.time()), ex=24 * 3600)
+
+    def take_refit_wanted(self) -> bool:
+        return bool(self.redis.delete(self.key("refit_wanted")))
+
+    # --- reconciliation with Label Studio ----------------------------------------------------
+    def claim_reconcile(self, interval: float) -> bool:
+        """True at most once per `interval` s: the caller then reconciles (backend/reconcile.py)."""
+        return bool(self.redis.set(self.key("reconcile_claim"), repr(time.time()), nx=True,
+                                   px=max(1, int(interval * 1000))))

@@ -10,9 +10,11 @@ Routes, shaped like Label Studio 1.23's:
   POST /api/projects/<id>/import/predictions     a list, all or nothing ({"created": n});
                                                  `bulk_status=405` refuses it like an older server
   GET  /api/predictions/?task=T, DELETE /api/predictions/<id>/
-  GET  /api/tasks?project=&page=&page_size=&query=   the tasks in `ls.tasks` ({id: data}), 100 a
-                                                 page by default; filters on prediction versions
-                                                 and counts, as the Data Manager has them
+  GET  /api/tasks?project=&page=&page_size=&query=   the tasks in `ls.tasks` ({id: task}, set with
+                                                 `ls.add_tasks`), with their annotations, 100 a page
+                                                 by default ({"tasks", "total"}, 404 past the end);
+                                                 filters on prediction versions and counts, as the
+                                                 Data Manager has them
   GET  /api/projects/<id>                        total_predictions_number
   POST /api/token/refresh/                       {"refresh": PAT} -> {"access": JWT} (`pat=`)
   GET  /data/upload/<project>/<file>             files from `uploads`
@@ -21,6 +23,10 @@ Auth: "Token <token>" (legacy key) and, with `pat=...`, "Bearer <access>" from t
 `retrieve(backend_url, project, tasks, rate)` plays "Retrieve predictions": one /predict, then stores
 its answer in the background at `rate` items a second, as Label Studio does (~12/s).
 Also used by bench/predict.py.
+
+    ls.annotate(task, annotation)   # the task now holds it, as Label Studio stores a labeler's work
+    ls.remove_annotation(task, 7)   # ... or deletes it
+    ls.stop(); ls.restart()         # Label Studio down (connections refused) and back, same port
 """
 from __future__ import annotations
 
@@ -57,13 +63,14 @@ class StandInLabelStudio:
         self.access_lifetime, self.bulk_status = access_lifetime, bulk_status
         self.predictions: list[dict] = []
         self.deleted: set[int] = set()
-        self.tasks: dict[int, dict] = {}
         self.requests: list[tuple[str, str, str]] = []   # (method, path, Authorization)
         self.fail_first = fail_first      # answer this many prediction POSTs with 503 first
         self.access: dict[str, float] = {}      # access token -> expiry
         self.refreshes = 0
         self.storing: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self.tasks: dict[int, dict] = {}                 # task id -> task with its "annotations"
+        self.task_pages = 0                              # GET /api/tasks pages served
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -161,6 +168,7 @@ class StandInLabelStudio:
                     return self._send(200, {"id": int(parts[2]), "total_predictions_number": n})
                 self._send(404, {"detail": "not found"})
 
+        self._handler = Handler
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -206,19 +214,29 @@ class StandInLabelStudio:
         got = self.live(task)
         return max(got, key=lambda p: p["id"]) if got else None
 
+    def add_tasks(self, tasks: list[dict]) -> None:
+        """Tasks ({"id", "data", ...}) the project now holds, with no annotations yet."""
+        with self._lock:
+            for t in tasks:
+                self.tasks[int(t["id"])] = {"annotations": [], **t}
+
     def list_tasks(self, query: dict) -> tuple[int, dict]:
         filters = json.loads(query.get("query") or "{}").get("filters", {}).get("items", [])
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
         size = 100 if size < 1 else size                     # page_size=-1 is ignored
         with self._lock:
+            self.task_pages += 1
             rows = []
-            for tid, data in sorted(self.tasks.items()):
+            for tid, task in sorted(self.tasks.items()):
+                if "project" in query and str(task.get("project", query["project"])) != query["project"]:
+                    continue
                 preds = [p for p in self.predictions if p["task"] == tid and p["id"] not in self.deleted]
                 if all(_matches(f, preds) for f in filters):
-                    rows.append({"id": tid, "data": data, "total_predictions": len(preds)})
+                    rows.append(json.loads(json.dumps(dict(task, total_predictions=len(preds)))))
         if page > 1 and (page - 1) * size >= len(rows):
             return 404, {"detail": "Invalid page."}
-        return 200, {"tasks": rows[(page - 1) * size: page * size], "total": len(rows)}
+        return 200, {"tasks": rows[(page - 1) * size: page * size], "total": len(rows),
+                     "total_annotations": sum(len(t.get("annotations", [])) for t in rows)}
 
     def retrieve(self, backend_url: str, project: str, tasks: list[dict], label_config: str,
                  rate: float = 12.0, auth=None) -> list[dict]:
@@ -238,6 +256,32 @@ class StandInLabelStudio:
         thread.start()
         self.storing.append(thread)
         return results
+
+    # --- tasks and annotations, as GET /api/tasks lists them -------------------------------------
+    def annotate(self, task: dict, annotation: dict) -> None:
+        """Store an annotation on a task (created or updated: same id replaces)."""
+        with self._lock:
+            held = self.tasks.setdefault(int(task["id"]), {**task, "annotations": []})
+            held["annotations"] = [a for a in held["annotations"] if a["id"] != annotation["id"]]
+            held["annotations"].append(annotation)
+
+    def remove_annotation(self, task_id: int, annotation_id: int) -> None:
+        with self._lock:
+            held = self.tasks[int(task_id)]
+            held["annotations"] = [a for a in held["annotations"] if a["id"] != annotation_id]
+
+    # --- down and back -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop answering: connections to the port are refused until restart()."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def restart(self) -> None:
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), self._handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
 
     # --- life --------------------------------------------------------------------------------
     def __enter__(self):

@@ -227,7 +227,7 @@ def test_no_placeholder_stays_newer_than_the_real_prediction(redis_url, redis_co
     tasks = [ls_task(800 + i, p) for i, p in enumerate(noise_photos(tmp_path, 24, seed=8))]
     rq_workers.start(2)
     with serve(redis_url, SUBDISC_BATCH_SIZE="2") as server, StandInLabelStudio(token="tok-r") as ls:
-        ls.tasks = {t["id"]: t["data"] for t in tasks}
+        ls.add_tasks(tasks)
         assert server.setup(config, hostname=ls.url, token="tok-r").status_code == 200
         answer = ls.retrieve(server.url, PROJECT, tasks, config, rate=4, auth=server.http.auth)
         assert all(p["model_version"].endswith(PENDING_SUFFIX) for p in answer)
@@ -257,7 +257,7 @@ def test_no_placeholder_stays_newer_than_the_real_prediction(redis_url, redis_co
 
 def test_list_tasks_pages_until_the_total(redis_conn):
     with StandInLabelStudio(token="k") as ls:
-        ls.tasks = {i: {"image": f"/data/upload/1/{i}.jpg"} for i in range(1, 251)}
+        ls.add_tasks([{"id": i, "data": {"image": f"/data/upload/1/{i}.jpg"}} for i in range(1, 251)])
         got = LabelStudio(ls.url, "k").list_tasks(1, page_size=100)
         assert [t["id"] for t in got] == list(range(1, 251))
         pages = [r for r in ls.requests if r[1].startswith("/api/tasks")]

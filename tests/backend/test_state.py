@@ -1,10 +1,12 @@
-"""Project state in a real Redis: idempotent confirmations, settings, async-path bookkeeping."""
+"""Project state in a real Redis: idempotent confirmations, settings, async-path bookkeeping, the
+refit lock."""
 import threading
+import time
 
 import pytest
 
 from backend.annotations import AnnotationRecord, Region
-from backend.state import ProjectState, project_id
+from backend.state import LockBusy, ProjectState, lock_settings, project_id
 
 
 def record(aid, t, value="male", task=5):
@@ -90,3 +92,97 @@ def test_model_and_version_are_saved_together(redis_conn):
     st.save_model(b"\x00blob", {"version": "subdisc-1-abc"})
     assert st.load_model() == (b"\x00blob", {"version": "subdisc-1-abc"})
     assert st.model_version() == "subdisc-1-abc"
+
+
+# --- the refit lock: short-lived, renewed while held, bounded wait -------------------------------
+
+LOCK = "subdisc:v1:project:9:lock:refit"
+
+
+def test_the_refit_lock_is_renewed_while_held_and_short_lived(redis_conn):
+    st = ProjectState(redis_conn, "9")
+    with st.refit_lock(ttl=1.0, wait=0.5) as lock:
+        time.sleep(2.5)                           # over twice its TTL: the renewing thread kept it
+        assert lock.owned() and 0 < redis_conn.pttl(LOCK) <= 1000
+        with pytest.raises(LockBusy, match="another refit"):
+            with st.refit_lock(ttl=1.0, wait=0.5):
+                pass
+    assert not redis_conn.exists(LOCK)           # released at the end
+
+
+def test_a_dead_holders_lock_lapses_within_its_ttl(redis_conn):
+    # A holder killed outright leaves its key behind, as a lock restored from the AOF does.
+    redis_conn.set(LOCK, "token-of-a-dead-process", px=1500)
+    st = ProjectState(redis_conn, "9")
+    started = time.monotonic()
+    with st.refit_lock(ttl=1.5, wait=3.0) as lock:
+        assert lock.owned()
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_waiting_refit_gives_up_after_its_wait(redis_conn):
+    st = ProjectState(redis_conn, "9")
+    with st.refit_lock(ttl=5.0, wait=0.1):
+        started = time.monotonic()
+        with pytest.raises(LockBusy):
+            with st.refit_lock(ttl=5.0, wait=0.6):
+                pass
+        assert time.monotonic() - started < 5      # gave up, instead of waiting for the holder
+
+
+def test_a_lapsed_lock_is_no_longer_owned(redis_conn):
+    st = ProjectState(redis_conn, "9")
+    with st.refit_lock(ttl=30.0, wait=0.1) as lock:
+        redis_conn.delete(LOCK)                  # as when Redis lost it (outage past the TTL)
+        assert not lock.owned()
+    assert not redis_conn.exists(LOCK)           # and releasing it did not raise or touch others
+
+
+def test_lock_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("SUBDISC_REFIT_LOCK_TTL", raising=False)
+    monkeypatch.delenv("SUBDISC_REFIT_LOCK_WAIT", raising=False)
+    assert lock_settings() == (60.0, 90.0)
+    monkeypatch.setenv("SUBDISC_REFIT_LOCK_TTL", "100")
+    assert lock_settings() == (100.0, 150.0)     # the wait outlasts a dead holder's lock
+
+
+def test_a_queued_refit_whose_job_is_gone_does_not_block_the_next(redis_conn):
+    from backend.refit import schedule_refit
+
+    st = ProjectState(redis_conn, "10")
+    first = schedule_refit(redis_conn, "subdisc-state-test", "10")
+    assert first and st.queued_refit() == first
+    assert schedule_refit(redis_conn, "subdisc-state-test", "10") is None   # queued: one is enough
+    redis_conn.delete(f"rq:job:{first}")         # lost (a Redis restart, retries used up)
+    second = schedule_refit(redis_conn, "subdisc-state-test", "10")
+    assert second and second != first and st.queued_refit() == second
+
+
+def test_refit_wanted_and_reconcile_claims(redis_conn):
+    st = ProjectState(redis_conn, "11")
+    assert st.take_refit_wanted() is False
+    st.want_refit()
+    assert st.take_refit_wanted() is True and st.take_refit_wanted() is False
+    assert st.claim_reconcile(0.3) is True and st.claim_reconcile(0.3) is False
+    time.sleep(0.4)
+    assert st.claim_reconcile(0.3) is True
+
+
+def test_a_refit_that_finds_the_lock_busy_gives_up_and_the_holder_queues_another(
+        redis_conn, redis_url, monkeypatch):
+    from backend.refit import refit_project
+    from tests.backend.helpers import TWO_ATTRIBUTES
+
+    monkeypatch.setenv("SUBDISC_REDIS_URL", redis_url)       # refit_project outside RQ: this Redis
+    monkeypatch.setenv("SUBDISC_QUEUE", "subdisc-state-test")
+    monkeypatch.setenv("SUBDISC_REFIT_LOCK_WAIT", "0.3")
+    st = ProjectState(redis_conn, "12")
+    st.save_settings(TWO_ATTRIBUTES)
+    with st.refit_lock(ttl=5.0, wait=0.1):                  # another refit is running
+        started = time.monotonic()
+        assert refit_project("12")["status"] == "busy"
+        assert time.monotonic() - started < 5               # it did not wait for the holder
+    assert st.queued_refit() is None
+    # The next refit to end sees the note and queues the refit that gave up.
+    assert refit_project("12")["status"] in ("changed", "unchanged")
+    assert st.queued_refit() is not None and not st.take_refit_wanted()
