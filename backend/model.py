@@ -31,7 +31,7 @@ from backend.annotations import parse_annotation
 from backend.confirmations import acceptance, confirmed_labels
 from backend.labeling_config import ConfigError, LabelingConfig, parse
 from backend.predictions import box_percent, build, empty, pending
-from backend.project_model import Clusterings, ProjectModel, fit_project
+from backend.attributes.project_model import Clusterings, ProjectModel, fit_project
 from backend.state import ProjectState
 from workers import connection
 from workers.cache import EmbeddingCache

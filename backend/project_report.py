@@ -15,7 +15,7 @@ from collections import Counter
 
 from backend.confirmations import acceptance
 from backend.labeling_config import parse
-from backend.report import json_safe, figure_png, format_html, format_text, pct
+from backend.attributes.report import json_safe, figure_png, format_html, format_text, pct
 from backend.state import ProjectState
 
 

@@ -8,11 +8,11 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 from rq import Queue
 
-from backend.centroids import CentroidModel, fit_attribute
+from backend.attributes.centroids import CentroidModel, fit_attribute
 from backend.confirmations import acceptance, confirmed_labels
 from backend.model import PENDING_SUFFIX, ProjectFaces, SubdiscModel, no_model_version
 from backend.labeling_config import ConfigError, parse
-from backend.selection import Candidate, select
+from backend.attributes.selection import Candidate, select
 from backend.state import ProjectState
 from workers.pipeline import PipelineOptions, fingerprint
 

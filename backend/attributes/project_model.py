@@ -6,7 +6,7 @@
 
 Per attribute, three states:
   * "named": enough confirmations (MIN_PER_VALUE for at least two values); the clustering (algorithm
-    and k among CANDIDATE_KS) is chosen by cross-validated accuracy (backend.selection), a saved prior
+    and k among CANDIDATE_KS) is chosen by cross-validated accuracy (backend.attributes.selection), a saved prior
     competing as one more candidate; clusters are named from all confirmations;
   * "prior": not enough confirmations yet, but the saved centroid model (SUBDISC_PRIOR) knows the
     attribute: its names are used from the start;
@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.centroids import AttributeModel, CentroidModel
-from backend.clustering import Clusterer, make_clusterer
+from backend.attributes.centroids import AttributeModel, CentroidModel
+from backend.attributes.clustering import Clusterer, make_clusterer
 from backend.labeling_config import Attribute, LabelingConfig
 from backend.predictions import FacePrediction
-from backend.scoring import is_labelled, name_clusters, score
-from backend.selection import MIN_PER_VALUE, Candidate, ready_values, select
+from backend.attributes.scoring import is_labelled, name_clusters, score
+from backend.attributes.selection import MIN_PER_VALUE, Candidate, ready_values, select
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The clusterings are fitted on all the project's faces, without labels. What labels decide is only
 the naming: on each cross-validation fold the clusters are named from the training labels
-(backend.scoring.name_clusters) and scored on the held-out labels, so a candidate (algorithm, k) is
+(backend.attributes.scoring.name_clusters) and scored on the held-out labels, so a candidate (algorithm, k) is
 judged on labels it was not named with. The reported accuracy of the chosen model is nested: in each
 outer fold the choice itself is made again on the outer-training labels only, so the figure is not
 flattered by having picked the best of several candidates on the same labels.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.scoring import Scores, apply_names, name_clusters, score
+from backend.attributes.scoring import Scores, apply_names, name_clusters, score
 
 #: Values need this many confirmations before clusters are named after them.
 MIN_PER_VALUE = 2

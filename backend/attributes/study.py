@@ -8,7 +8,7 @@
     ceiling = supervised_ceiling(faces.X, faces.column("gender"))
     curve = label_efficiency(faces.X, faces.column("gender"))
 
-Every accuracy comes as backend.scoring.Scores: with the majority-class baseline of the same rows and
+Every accuracy comes as backend.attributes.scoring.Scores: with the majority-class baseline of the same rows and
 the balanced accuracy beside it.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.centroids import CentroidModel, candidates, select_attribute_model
-from backend.clustering import ChineseWhispers, make_clusterer
-from backend.scoring import (HierarchyLevel, Scores, Summary, apply_names, hierarchy, is_labelled,
+from backend.attributes.centroids import CentroidModel, candidates, select_attribute_model
+from backend.attributes.clustering import ChineseWhispers, make_clusterer
+from backend.attributes.scoring import (HierarchyLevel, Scores, Summary, apply_names, hierarchy, is_labelled,
                              label_values, name_clusters, score, summarise)
 
 # --- labelled faces ------------------------------------------------------------------------------
