@@ -1,30 +1,36 @@
-"""A project's model: per attribute, a clustering of the project's faces and the names of its clusters.
+"""A project's model: per attribute, the learner chosen by nested cross-validation on the
+confirmations, a gate saying whether and where its values may be shown, and an order to label in.
 
     clusterings = Clusterings.fit(X, keys)           # unsupervised, on every face of the project
-    model = fit_project(X, labels, config, clusterings, prior)
-    faces = model.predict(X_new)                     # [FacePrediction], values and scores per face
+    model = fit_project(views, labels, config, clusterings, prior, keys=face_keys)
+    faces = model.predict(views_new, keys)           # [FacePrediction], values and scores per face
 
-Per attribute, three states:
-  * "named": enough confirmations (MIN_PER_VALUE for at least two values); the clustering (algorithm
-    and k among CANDIDATE_KS) is chosen by cross-validated accuracy (backend.attributes.selection), a saved prior
-    competing as one more candidate; clusters are named from all confirmations;
-  * "prior": not enough confirmations yet, but the saved centroid model (SUBDISC_PRIOR) knows the
-    attribute: its names are used from the start;
-  * "collecting": neither: the faces are still clustered (K-Means, k = number of classes) so the
-    scores below can sort the best faces to label first, but no value is predicted.
+views: {view: (n, d)} of every project face (backend.attributes.views; "vector" always there).
 
-Scores. Each choice's score is the soft probability of the predicted value (the summed posterior of
-the clusters carrying that name: AttributeModel.predict). A face's rank, which becomes the task's
-prediction score (the column the Data Manager sorts on), is its centrality averaged over the
-attributes: for the cluster a face falls in, the share of the project's faces of that cluster lying
-farther from the cluster's centre than it does (1.0 = the most central face, ~0 = the outermost).
-Because it is a rank *within* each cluster, the most central faces of every cluster come first
-together, so the first labels a team gives cover every cluster and name it from its most typical
-face; a task's score is its best face's rank.
+Per attribute, the states (info[attribute]["status"]):
+  * "shown": enough confirmations (MIN_PER_VALUE for at least two values); among the candidates
+    (backend.attributes.candidates: named clusters, nearest class mean, logistic regression, label
+    spreading, each on every view, and the saved prior) the one with the best cross-validated
+    accuracy is chosen (backend.attributes.selection.choose), and its nested held-out predictions
+    open the gate (backend.attributes.abstention): it beats the majority baseline with confidence.
+    A face's value is shown only when its calibrated probability clears the gate's threshold; other
+    faces keep their box and an empty choice;
+  * "silent": a model was chosen but its held-out predictions do not beat always guessing the
+    commonest value with confidence: nothing is shown for this attribute;
+  * "prior": no two values confirmed yet, but the saved centroid model (SUBDISC_PRIOR) knows the
+    attribute: its names are shown from the start;
+  * "collecting": neither: nothing shown; the attribute waits for confirmations.
+
+Scores. A shown choice's score is its calibrated probability. A face's rank, the task's prediction
+score the Data Manager sorts on, is its place in the teaching order (backend.attributes.ordering):
+round-robin over a fine label-free clustering of the faces (the least-labelled clusters first),
+the most uncertain face of a cluster first. Faces the refit did not see (new photos) get half their
+centrality in that clustering: below the planned ones, most typical first.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -33,12 +39,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.attributes.centroids import AttributeModel, CentroidModel
-from backend.attributes.clustering import Clusterer, make_clusterer
+from backend.attributes.abstention import Gate
+from backend.attributes.candidates import (ClusterLearner, Learner, PriorLearner, learner_from_state,
+                                           supervised_candidates)
+from backend.attributes.centroids import AttributeModel, CentroidModel, ModelFormatError
+from backend.attributes.clustering import Clusterer, clusterer_from_state, make_clusterer
+from backend.attributes.ordering import teaching_scores, uncertainty, value_need
 from backend.labeling_config import Attribute, LabelingConfig
 from backend.predictions import FacePrediction
 from backend.attributes.scoring import is_labelled, name_clusters, score
-from backend.attributes.selection import MIN_PER_VALUE, Candidate, ready_values, select
+from backend.attributes.selection import MIN_PER_VALUE, choose, ready_values, splits
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,7 @@ ALGOS = ("kmeans", "gmm")
 CANDIDATE_KS = (2, 4, 8, 16)
 #: Points kept per cluster to place a new face among the project's faces (its centrality).
 QUANTILES = 101
+MODEL_FORMAT = "subdisc-project-model-2"
 
 
 def candidate_keys(n_values: int, n_faces: int) -> list[str]:
@@ -54,7 +65,9 @@ def candidate_keys(n_values: int, n_faces: int) -> list[str]:
     powers of two (majority naming), with at least two faces per cluster on average."""
     ks = sorted({n_values, *(k for k in CANDIDATE_KS if k > n_values)})
     ks = [k for k in ks if k <= n_faces and (k == n_values or 2 * k <= n_faces)]
-    return [f"{algo}:{k}" for k in ks for algo in ALGOS]
+    # Mixtures only at k = the number of values: beside K-Means at larger k they were no better
+    # (bench/STUDY_RESULTS.md) and cost most of a refit's time.
+    return [f"{algo}:{k}" for k in ks for algo in ALGOS if algo == "kmeans" or k == n_values]
 
 
 def default_key(attribute: Attribute, n_faces: int) -> str:
@@ -127,11 +140,32 @@ def centrality(table: list[list[float]], ids: np.ndarray, d: np.ndarray) -> np.n
     return out
 
 
+DIVERSITY_K = 16
+
+
+def diversity_key(n_faces: int) -> str:
+    return f"kmeans:{max(2, min(DIVERSITY_K, n_faces // 4))}"
+
+
+def _pack(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _unpack(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
 @dataclass
 class ProjectModel:
-    attributes: dict[str, AttributeModel]
+    learners: dict[str, Learner]
+    gates: dict[str, Gate]
     info: dict[str, dict]
-    centrality: dict[str, list[list[float]]]
+    diversity: Clusterer | None
+    centrality: list[list[float]]
+    order: dict[str, float]                 # "task:face" -> teaching score
     config_fingerprint: str
     pipeline_fingerprint: str = ""
     n_faces: int = 0
@@ -139,48 +173,87 @@ class ProjectModel:
     version: str = ""
     fitted: float = field(default_factory=time.time)
 
-    def predict(self, X) -> list[FacePrediction]:
-        """One FacePrediction per row of X (n, 128): values and scores per attribute, and a rank."""
-        X = np.asarray(X, np.float64).reshape(-1, 128)
-        faces = [FacePrediction() for _ in range(len(X))]
-        if not len(X):
+    def predict(self, views, keys=None) -> list[FacePrediction]:
+        """One FacePrediction per face. views: {view: (n, d)} or the (n, 128) vectors alone;
+        keys: (n,) "task:face" ids of project faces (their teaching score), or None."""
+        if not isinstance(views, dict):
+            views = {"vector": np.asarray(views, np.float64).reshape(-1, 128)}
+        X = np.asarray(views["vector"], np.float64).reshape(-1, 128)
+        n = len(X)
+        faces = [FacePrediction() for _ in range(n)]
+        if not n:
             return faces
-        ranks = np.zeros(len(X))
-        for name, model in self.attributes.items():
-            values, scores = model.predict(X)
-            ids, d = _assignments(model.clusterer, X)
-            ranks += centrality(self.centrality[name], ids, d)
-            for face, value, s in zip(faces, values, scores):
-                face.values[name] = (value, float(s))
-        if self.attributes:
-            for face, r in zip(faces, ranks / len(self.attributes)):
-                face.rank = float(r)
+        for name, learner in self.learners.items():
+            gate = self.gates.get(name)
+            if learner.view not in views:
+                continue   # a face without that view (cached before it existed): no value
+            P = learner.predict_proba(views[learner.view])
+            values = np.array(learner.values, dtype=object)[P.argmax(1)]
+            if gate is None:   # the prior, trusted before any confirmation
+                show, cal = np.ones(n, bool), P.max(1)
+            else:
+                cal = gate.calibrated(P.max(1))
+                show = gate.show(P.max(1))
+            for face, v, c, s in zip(faces, values, cal, show):
+                face.values[name] = (str(v) if s else None, float(c))
+        fallback = np.zeros(n)
+        if self.diversity is not None:
+            ids, d = _assignments(self.diversity, X)
+            fallback = 0.5 * centrality(self.centrality, ids, d)
+        for i, face in enumerate(faces):
+            key = keys[i] if keys is not None else None
+            face.rank = float(self.order.get(key, fallback[i]) if key is not None else fallback[i])
         return faces
 
     def content_hash(self) -> str:
-        """What predictions depend on (not the centrality tables, which only refine scores)."""
+        """What predictions depend on: learners, gates, the order."""
         h = hashlib.sha256(self.config_fingerprint.encode())
-        for name in sorted(self.attributes):
-            m = self.attributes[name]
-            params, arrays = m.clusterer.get_state()
-            h.update(json.dumps([name, m.algo, int(m.k), sorted((str(c), n) for c, n in m.names.items()),
-                                 params], sort_keys=True, default=str).encode())
-            for key in sorted(arrays):
-                h.update(np.ascontiguousarray(arrays[key], np.float64).tobytes())
+        params, arrays = self._state()
+        h.update(json.dumps(params, sort_keys=True, default=str).encode())
+        for key in sorted(arrays):
+            h.update(np.ascontiguousarray(arrays[key]).tobytes())
+        h.update(json.dumps(sorted(self.order.items())).encode())
         return h.hexdigest()
 
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        params, arrays = {"learners": {}, "gates": {}}, {}
+        for name, learner in self.learners.items():
+            p, a = learner.get_state()
+            params["learners"][name] = p
+            arrays |= {f"{name}/{k}": v for k, v in a.items() if v is not None}
+            if name in self.gates:
+                params["gates"][name] = self.gates[name].to_dict()
+        if self.diversity is not None:
+            p, a = self.diversity.get_state()
+            params["diversity"] = p
+            arrays |= {f"__diversity__/{k}": v for k, v in a.items()}
+        return params, arrays
+
     def to_stored(self) -> tuple[bytes, dict]:
-        blob = CentroidModel(self.attributes, self.pipeline_fingerprint).to_bytes()
-        meta = {"version": self.version, "config_fingerprint": self.config_fingerprint,
+        params, arrays = self._state()
+        meta = {"format": MODEL_FORMAT, "version": self.version,
+                "config_fingerprint": self.config_fingerprint,
                 "pipeline_fingerprint": self.pipeline_fingerprint, "n_faces": self.n_faces,
                 "n_tasks": self.n_tasks, "fitted": self.fitted, "content_hash": self.content_hash(),
-                "info": self.info, "centrality": self.centrality}
-        return blob, meta
+                "info": self.info, "centrality": self.centrality, "order": self.order,
+                "state": params}
+        return _pack(arrays), meta
 
     @classmethod
     def from_stored(cls, blob: bytes, meta: dict) -> "ProjectModel":
-        attributes = CentroidModel.from_bytes(blob).attributes
-        return cls(attributes, meta["info"], meta["centrality"], meta["config_fingerprint"],
+        if meta.get("format") != MODEL_FORMAT:
+            raise ModelFormatError("a project model of an older subdisc: refit it")
+        arrays = _unpack(blob)
+        params = meta["state"]
+
+        def part(prefix):
+            return {k[len(prefix) + 1:]: v for k, v in arrays.items() if k.startswith(prefix + "/")}
+        learners = {name: learner_from_state(p, part(name)) for name, p in params["learners"].items()}
+        gates = {name: Gate.from_dict(g) for name, g in params["gates"].items()}
+        diversity = (clusterer_from_state("kmeans", params["diversity"], part("__diversity__"))
+                     if "diversity" in params else None)
+        return cls(learners, gates, meta["info"], diversity, meta.get("centrality", []),
+                   meta.get("order", {}), meta["config_fingerprint"],
                    meta.get("pipeline_fingerprint", ""), meta.get("n_faces", 0),
                    meta.get("n_tasks", 0), meta.get("version", ""), meta.get("fitted", 0.0))
 
@@ -202,28 +275,50 @@ def usable_prior(prior: CentroidModel | None, attribute: Attribute,
     return AttributeModel(attribute.name, m.algo, m.k, m.clusterer, names, m.values, None)
 
 
-def fit_project(X: np.ndarray, labels: dict[str, np.ndarray], config: LabelingConfig,
-                clusterings: Clusterings, prior: CentroidModel | None = None,
-                pipeline_fingerprint: str = "", n_tasks: int = 0) -> ProjectModel:
-    """Fit every attribute of the config on the project's faces X (n, 128).
+def candidate_factories(n_values: int, views: dict, clusterings: Clusterings, prior_model) -> list:
+    """Every candidate learner of one attribute, simplest first (ties go to the earlier)."""
+    X = views["vector"]
+    keys = candidate_keys(n_values, len(X))
+    clusterings.ensure(X, keys)
+    caches = {key: {} for key in keys + ["prior"]}
+    out = [(lambda key=key: ClusterLearner("vector", clusterings[key], key, cache=caches[key]))
+           for key in keys]
+    out += supervised_candidates(sorted(views, key=lambda v: (v != "vector", v)))
+    if prior_model is not None:
+        out.append(lambda: PriorLearner("vector", prior_model.clusterer, "prior",
+                                        dict(prior_model.names), cache=caches["prior"]))
+    return out
 
-    labels: {attribute: (n,) confirmed value or None per face}. Missing candidate clusterings are
-    fitted into `clusterings` (the caller stores them for the next refit).
+
+def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
+                clusterings: Clusterings, prior: CentroidModel | None = None,
+                pipeline_fingerprint: str = "", n_tasks: int = 0, keys=None) -> ProjectModel:
+    """Fit every attribute of the config on the project's faces.
+
+    views: {view: (n, d)} (or the (n, 128) vectors alone); labels: {attribute: (n,) confirmed value
+    or None per face}; keys: (n,) "task:face" ids, for the teaching order. Missing candidate
+    clusterings are fitted into `clusterings` (the caller stores them for the next refit).
     """
-    X = np.asarray(X, np.float64).reshape(-1, 128)
+    if not isinstance(views, dict):
+        views = {"vector": np.asarray(views, np.float64).reshape(-1, 128)}
+    views = {k: np.asarray(v, np.float64) for k, v in views.items()}
+    X = views["vector"].reshape(-1, 128)
     n = len(X)
-    attributes: dict[str, AttributeModel] = {}
+    learners: dict[str, Learner] = {}
+    gates: dict[str, Gate] = {}
     info: dict[str, dict] = {}
-    table: dict[str, list[list[float]]] = {}
+    probas, counts = [], []
+    any_labelled = np.zeros(n, bool)
     for attribute in config.attributes:
         y = np.asarray(labels.get(attribute.name, np.full(n, None, object)), dtype=object)
         labelled = is_labelled(y)
+        any_labelled |= labelled
         confirmations = dict(Counter(str(v) for v in y[labelled]))
         ready = ready_values(y)
         prior_model = usable_prior(prior, attribute, pipeline_fingerprint)
         entry = {"values": list(attribute.values), "confirmations": confirmations,
                  "ready_values": ready, "min_per_value": MIN_PER_VALUE, "selection": None,
-                 "prior_accuracy": None}
+                 "prior_accuracy": None, "gate": None, "view": None, "coverage": 0.0}
         if n < 2:
             info[attribute.name] = entry | {"status": "no faces"}
             continue
@@ -231,43 +326,51 @@ def fit_project(X: np.ndarray, labels: dict[str, np.ndarray], config: LabelingCo
             # The prior was not fitted on these labels: its accuracy on them is an honest figure.
             entry["prior_accuracy"] = score(y[labelled], prior_model.predict(X[labelled])[0],
                                             sorted(set(confirmations) | set(prior_model.values))).accuracy
-        if len(ready) >= 2:
-            keys = candidate_keys(len(ready), n)
-            clusterings.ensure(X, keys)
-            candidates = []
-            for key in keys:
-                c = clusterings[key]
-                candidates.append(Candidate(key, c.n_clusters, c.predict(X[labelled]),
-                                            np.asarray(c.cluster_centers_)))
-            if prior_model is not None:
-                candidates.append(Candidate("prior", prior_model.k,
-                                            prior_model.clusterer.predict(X[labelled]),
-                                            names=prior_model.names))
-            sel = select(candidates, y[labelled], seed=SEED)
-            if sel.chosen == "prior":
-                model, status = prior_model, "prior"
-            else:
-                c = clusterings[sel.chosen]
-                ids = c.predict(X[labelled])
-                names = name_clusters(ids, y[labelled], c.n_clusters,
-                                      centers=np.asarray(c.cluster_centers_), values=ready)
-                model = AttributeModel(attribute.name, sel.chosen.split(":")[0], c.n_clusters, c,
-                                       names, ready, None)
-                status = "named"
-            entry["selection"] = sel.to_dict()
+        rows = np.flatnonzero(labelled)
+        learner = None
+        if len(ready) >= 2 and splits(y[rows][np.isin(y[rows].astype(str), ready)], SEED):
+            started = time.perf_counter()
+            factories = candidate_factories(len(ready), views, clusterings, prior_model)
+            choice, learner = choose(factories, views, rows, y[rows], seed=SEED)
+            gate = Gate.fit(choice.y, choice.pred, choice.conf)
+            gates[attribute.name] = gate
+            status = "shown" if gate.open else "silent"
+            entry["selection"] = {"chosen": choice.chosen, "cv": choice.cv,
+                                  "scores": choice.scores().to_dict(), "folds": choice.folds}
+            entry["gate"] = gate.to_dict()
+            log.info("%s: %s chosen among %d in %.2fs (%s)", attribute.name, choice.chosen,
+                     len(factories), time.perf_counter() - started, status)
         elif prior_model is not None:
-            model, status = prior_model, "prior"
+            learner = PriorLearner("vector", prior_model.clusterer, "prior", dict(prior_model.names))
+            learner.fit(X, rows, y[rows], list(prior_model.values))
+            status = "prior"
         else:
-            key = default_key(attribute, n)
-            clusterings.ensure(X, [key])
-            c = clusterings[key]
-            model = AttributeModel(attribute.name, "kmeans", c.n_clusters, c,
-                                   {i: None for i in range(c.n_clusters)}, list(attribute.values), None)
             status = "collecting"
-        attributes[attribute.name] = model
-        table[attribute.name] = centrality_table(model.clusterer, X)
-        info[attribute.name] = entry | {"status": status, "algo": model.algo, "k": int(model.k),
-                                        "names": {str(c): v for c, v in model.names.items()}}
-    return ProjectModel(attributes, info, table, config.fingerprint(), pipeline_fingerprint, n,
-                        n_tasks)
-
+        if learner is not None:
+            learners[attribute.name] = learner
+            P = learner.predict_proba(views[learner.view])
+            probas.append(P)
+            counts.append([confirmations.get(v, 0) for v in learner.values])
+            gate = gates.get(attribute.name)
+            shown = gate.show(P.max(1)) if gate is not None else np.ones(n, bool)
+            entry["coverage"] = float(shown[~labelled].mean()) if (~labelled).any() else 0.0
+            entry["view"] = learner.view
+        k = getattr(getattr(learner, "clusterer", None), "n_clusters", None)
+        info[attribute.name] = entry | {
+            "status": status, "algo": learner.kind if learner is not None else None,
+            "k": int(k) if k is not None and learner.kind in ("clusters", "prior") else None,
+            "names": ({str(c): v for c, v in learner.names.items()}
+                      if learner is not None and getattr(learner, "names", None) else None)}
+    key = diversity_key(n)
+    diversity, table, order = None, [], {}
+    if n >= 2:
+        clusterings.ensure(X, [key])
+        diversity = clusterings[key]
+        table = centrality_table(diversity, X)
+        ids, d = _assignments(diversity, X)
+        scores = teaching_scores(ids, centrality(table, ids, d), uncertainty(probas, n), any_labelled,
+                                 value_need(probas, counts, n))
+        if keys is not None:
+            order = {str(k): float(s) for k, s in zip(keys, scores)}
+    return ProjectModel(learners, gates, info, diversity, table, order, config.fingerprint(),
+                        pipeline_fingerprint, n, n_tasks)
