@@ -369,7 +369,7 @@ def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
         table = centrality_table(diversity, X)
         ids, d = _assignments(diversity, X)
         scores = teaching_scores(ids, centrality(table, ids, d), uncertainty(probas, n), any_labelled,
-                                 value_need(probas, counts, n))
+                                 value_need(probas, counts, n), np.asarray(diversity.cluster_centers_))
         if keys is not None:
             order = {str(k): float(s) for k, s in zip(keys, scores)}
     return ProjectModel(learners, gates, info, diversity, table, order, config.fingerprint(),
