@@ -1,7 +1,8 @@
 """The backend's settings from the environment (one place, so server, jobs and CLI agree).
 
     (SUBDISC_REDIS_URL and SUBDISC_QUEUE: workers/connection.py, shared with the workers)
-    SUBDISC_DETECTOR, SUBDISC_UPSAMPLE, SUBDISC_FALLBACK   face pipeline (hog, 1, off)
+    SUBDISC_DETECTOR, SUBDISC_UPSAMPLE, SUBDISC_FALLBACK   face pipeline (hog, auto, off)
+    SUBDISC_DESCRIPTOR     descriptor runtime: onnx (default) or dlib (dlib's own, for comparison)
     SUBDISC_PRIOR          a saved centroid model (`subdisc study ... --holdout`) naming clusters
                            before any confirmation
     LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY
@@ -21,7 +22,7 @@ import os
 
 
 from workers.images import FetchSettings
-from workers.pipeline import PipelineOptions
+from workers.pipeline import PipelineOptions, parse_upsample
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def _flag(name: str) -> bool:
 
 def pipeline_options() -> PipelineOptions:
     return PipelineOptions(detector=os.environ.get("SUBDISC_DETECTOR", "hog"),
-                           upsample=int(os.environ.get("SUBDISC_UPSAMPLE", "1")),
-                           fallback=_flag("SUBDISC_FALLBACK"))
+                           upsample=parse_upsample(os.environ.get("SUBDISC_UPSAMPLE", "auto")),
+                           fallback=_flag("SUBDISC_FALLBACK"),
+                           descriptor=os.environ.get("SUBDISC_DESCRIPTOR", "onnx").strip().lower())
 
 
 def label_studio_target(settings: dict | None) -> tuple[str | None, str | None]:

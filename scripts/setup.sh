@@ -1,28 +1,21 @@
 # Shared set-up for scripts/up and scripts/test (sourced, not run): system packages and the venv.
-# Idempotent: a second run installs nothing new.
+# Idempotent: a second run installs nothing new. Wheels only: nothing is compiled (dlib-bin for
+# detection and landmarks, onnxruntime for the descriptor).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SUBDISC_VENV:-$ROOT/.venv}
-CACHE=${SUBDISC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/subdisc}
-WHEELS=$CACHE/wheels
-DLIB_VERSION=${SUBDISC_DLIB_VERSION:-20.0.1}
 PY=${PYTHON:-python3}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 install_system_packages() {
-    # redis-server: the state store; libopenblas-dev + cmake + g++: building dlib with BLAS.
-    local need=()
-    command -v redis-server >/dev/null || need+=(redis-server)
-    dpkg -s libopenblas-dev >/dev/null 2>&1 || need+=(libopenblas-dev)
-    command -v cmake >/dev/null || need+=(cmake)
-    command -v g++ >/dev/null || need+=(g++)
-    [ ${#need[@]} -eq 0 ] && return 0
-    say "installing system packages: ${need[*]}"
+    # redis-server: the state store. Everything else comes as wheels.
+    command -v redis-server >/dev/null && return 0
+    say "installing system packages: redis-server"
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 }
 
 install_venv() {
@@ -32,29 +25,15 @@ install_venv() {
         say "creating the virtual environment $VENV"
         "$PY" -m venv "$VENV"
     fi
-    say "installing subdisc and its dependencies into $VENV"
+    say "installing subdisc and its dependencies into $VENV (wheels only)"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    # --prefer-binary: wheels wherever they exist; face-recognition-models is only an sdist, of model
+    # files and Python (nothing to compile).
+    "$VENV/bin/pip" install -q --prefer-binary -e "$ROOT[test]"
 }
 
-dlib_has_blas() {
-    "$VENV/bin/python" -c 'import dlib, sys; sys.exit(0 if dlib.DLIB_USE_BLAS else 1)' 2>/dev/null
-}
-
-install_fast_dlib() {
-    # dlib-bin (the quick default) has no BLAS: descriptors are ~5x slower. Build dlib against
-    # OpenBLAS once (~8 min on 2 cores), keep the wheel, and install it over dlib-bin.
-    dlib_has_blas && return 0
-    local wheel
-    wheel=$(ls "$WHEELS"/dlib-"$DLIB_VERSION"-*.whl 2>/dev/null | head -1 || true)
-    if [ -z "$wheel" ]; then
-        say "building dlib $DLIB_VERSION with BLAS (once, ~8 minutes; cached in $WHEELS)"
-        mkdir -p "$WHEELS"
-        "$VENV/bin/pip" wheel -q --no-deps --no-binary dlib "dlib==$DLIB_VERSION" -w "$WHEELS"
-        wheel=$(ls "$WHEELS"/dlib-"$DLIB_VERSION"-*.whl | head -1)
-    fi
-    say "installing the BLAS build of dlib ($wheel)"
-    "$VENV/bin/pip" uninstall -q -y dlib-bin >/dev/null 2>&1 || true
-    "$VENV/bin/pip" install -q --no-deps --force-reinstall "$wheel"
-    dlib_has_blas || { echo "the dlib wheel $wheel has no BLAS" >&2; exit 1; }
+build_models() {
+    # The descriptor's ONNX graph, built from dlib's network file once (~2 s) and kept in
+    # $SUBDISC_CACHE/models (default ~/.cache/subdisc/models), so workers start without building it.
+    "$VENV/bin/python" -c 'from workers.pipeline import get_pipeline; get_pipeline()'
 }

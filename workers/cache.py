@@ -41,12 +41,17 @@ class EmbeddingCache:
 
     def put(self, result: ImageResult, identity: str | None = None) -> None:
         """Store a result with bytes (faces or a decode error) and, if given, its source identity."""
-        if not result.sha256:
+        self.put_many([(result, identity)])
+
+    def put_many(self, items: list[tuple[ImageResult, str | None]]) -> None:
+        """`put` for several (result, identity) pairs in one Redis round trip."""
+        if any(not result.sha256 for result, _ in items):
             raise ValueError("a result without a content hash is stored with put_source_error")
         with self.redis.pipeline() as pipe:
-            pipe.set(self._emb(result.sha256), result.to_bytes())
-            if identity is not None:
-                pipe.set(self._src(identity), result.sha256)
+            for result, identity in items:
+                pipe.set(self._emb(result.sha256), result.to_bytes())
+                if identity is not None:
+                    pipe.set(self._src(identity), result.sha256)
             pipe.execute()
 
     # --- by source ---------------------------------------------------------------------------

@@ -4,9 +4,10 @@
     vectors (N, 128) float32, source (N,) str, face_index (N,) int32 (faces sorted left to right),
     boxes (N, 4) int32 (left, top, right, bottom; original pixels), landmarks (N, L, 2) float32,
     scores (N,) float32, found_by (N,) str, width / height (N,) int32 (image size);
-    failed images: error_source (M,) str, error_kind (M,) str, error_message (M,) str.
+    views_<name> (N, d) float32 for each view of workers.results.VIEW_DIMS (NaN rows for faces cached
+    without views); failed images: error_source (M,) str, error_kind (M,) str, error_message (M,) str.
 .jsonl (one line per image): {"source", "sha256", "width", "height", "faces": [{"box", "landmarks",
-    "vector", "score", "found_by"}], "error", "message"}.
+    "vector", "score", "found_by"}], "error", "message"} (no views: they are 832 floats a face).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from workers.results import VECTOR_DIM, ImageResult
+from workers.results import VECTOR_DIM, VIEW_DIMS, ImageResult
 
 
 def save(results: Mapping[str, ImageResult], path: str | Path) -> Path:
@@ -39,6 +40,12 @@ def _save_npz(results: Mapping[str, ImageResult], path: Path) -> None:
     for row, (_, _, face, _) in enumerate(rows):
         landmarks[row, : len(face.landmarks)] = face.landmarks
     failed = [(source, r) for source, r in results.items() if not r.ok]
+    views = {f"views_{name}": np.full((len(rows), dim), np.nan, np.float32)
+             for name, dim in VIEW_DIMS.items()}
+    for row, (_, _, face, _) in enumerate(rows):
+        for name, view in face.views.items():
+            if f"views_{name}" in views:
+                views[f"views_{name}"][row] = view
     np.savez_compressed(
         path,
         vectors=np.array([f.vector for _, _, f, _ in rows], np.float32).reshape(-1, VECTOR_DIM),
@@ -53,6 +60,7 @@ def _save_npz(results: Mapping[str, ImageResult], path: Path) -> None:
         error_source=np.array([s for s, _ in failed], dtype=str),
         error_kind=np.array([r.error for _, r in failed], dtype=str),
         error_message=np.array([r.message for _, r in failed], dtype=str),
+        **views,
     )
 
 

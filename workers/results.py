@@ -2,7 +2,9 @@
 
 These are the objects the rest of subdisc passes around (image -> faces -> vectors). The binary form
 is what the Redis cache stores: a small JSON header followed by the raw float32 arrays, so a cached
-image costs ~1 KB per face and decodes without parsing floats from text.
+image costs ~4.4 KB per face (0.8 KB without views) and decodes without parsing floats from text.
+Every face's vector and landmarks come first, then the views of every face: entries written before
+views existed decode (with empty views), and older readers still read the vectors of newer entries.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 VECTOR_DIM = 128
+#: The views the pipeline stores with each face, and their lengths (see Face).
+VIEW_DIMS = {"pooled": 256, "eyes": 192, "mouth": 192, "lower": 192}
 
 @dataclass(frozen=True, eq=False)
 class Face:
@@ -23,6 +27,16 @@ class Face:
     vector: (128,) float32, the dlib ResNet v1 descriptor.
     score: the detector's confidence (HOG margin or MMOD confidence; 0.0 for the fallback).
     found_by: "hog", "cnn" or "fallback".
+    views: {name: float32 vector}, other views of the face from the same forward pass of the
+        descriptor network (on the 150x150 chip, padding 0.25, that gives the vector); empty for
+        results cached before views existed. The pipeline gives exactly these (VIEW_DIMS):
+        "pooled" (256,)  the global-average-pooled vector before the fc layer (vector = pooled @ W);
+        "eyes"   (192,)  the level-3 maps (64 channels, 17x17) then the level-2 maps (128 channels,
+                         8x8), each averaged over the eye band, chip rows 28-62 of 150 (map rows
+                         floor(28 h / 150) to ceil(62 h / 150), all columns), concatenated [64, 128];
+        "mouth"  (192,)  the same over the mouth band, chip rows 92-124;
+        "lower"  (192,)  the same over the lower face, chip rows 95-150 (for beard).
+        Maps are taken at the output of each level (after its last residual block's relu).
     """
 
     box: tuple[int, int, int, int]
@@ -30,6 +44,7 @@ class Face:
     vector: np.ndarray
     score: float
     found_by: str
+    views: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -79,7 +94,9 @@ class ImageResult:
             "message": self.message,
             "faces": [
                 {"box": list(f.box), "score": float(f.score), "found_by": f.found_by,
-                 "n_landmarks": int(len(f.landmarks))}
+                 "n_landmarks": int(len(f.landmarks)),
+                 **({"views": [[name, int(np.size(v))] for name, v in f.views.items()]}
+                    if f.views else {})}
                 for f in self.faces
             ],
         }
@@ -88,7 +105,9 @@ class ImageResult:
             np.asarray(f.vector, "<f4").tobytes() + np.asarray(f.landmarks, "<f4").tobytes()
             for f in self.faces
         )
-        return struct.pack("<I", len(head)) + head + arrays
+        # Views after every face's vector and landmarks: a reader that knows no views stops early.
+        views = b"".join(np.asarray(v, "<f4").tobytes() for f in self.faces for v in f.views.values())
+        return struct.pack("<I", len(head)) + head + arrays + views
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ImageResult":
@@ -103,5 +122,9 @@ class ImageResult:
             landmarks = np.frombuffer(data, "<f4", 2 * k, offset).reshape(k, 2).copy()
             offset += 2 * k * 4
             faces.append(Face(tuple(meta["box"]), landmarks, vector, meta["score"], meta["found_by"]))
+        for face, meta in zip(faces, header["faces"]):
+            for name, size in meta.get("views", []):   # entries cached before views have none
+                face.views[name] = np.frombuffer(data, "<f4", size, offset).copy()
+                offset += 4 * size
         return cls(header["sha256"], header["width"], header["height"], faces,
                    header["error"], header["message"])

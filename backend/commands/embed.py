@@ -11,6 +11,7 @@ import redis as redis_lib
 from backend.cli import CommandError
 from workers.connection import queue_name, redis_url
 from workers.images import image_files
+from workers.pipeline import parse_upsample
 
 
 
@@ -41,7 +42,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("face pipeline")
     g.add_argument("--detector", choices=["hog", "cnn"], default="hog",
                    help="hog: dlib's frontal detector (the study's); cnn: MMOD, slower, more poses")
-    g.add_argument("--upsample", type=int, default=1, help="detector upsampling (default 1)")
+    g.add_argument("--upsample", type=parse_upsample, default="auto",
+                   help="detector upsampling: 0-4, or auto (default: 0, then 1 where it can pay)")
     g.add_argument("--landmarks", type=int, choices=[68, 5], default=68)
     g.add_argument("--jitter", type=int, default=0, help="descriptor jitter passes (default 0)")
     g.add_argument("--fallback", action="store_true",

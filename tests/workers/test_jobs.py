@@ -17,7 +17,7 @@ from workers.cache import EmbeddingCache
 from workers.client import embed
 from workers.images import FetchSettings, source_identity
 from workers.jobs import embed_batch
-from workers.pipeline import PipelineOptions, fingerprint
+from workers.pipeline import MAX_CHIPS_PER_RUN, PipelineOptions, fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUEUE = "subdisc-test"
@@ -131,7 +131,8 @@ def test_vectors_are_stored_as_binary(redis_conn, photos):
     (key,) = list(redis_conn.scan_iter("subdisc:v1:emb:*"))
     stored = redis_conn.get(key)
     assert result.faces[0].vector.tobytes() in stored  # raw float32, not JSON text
-    assert len(stored) < 1500
+    assert result.faces[0].views["eyes"].tobytes() in stored
+    assert len(stored) < 5000   # 128 + 256 + 3 x 192 floats and 68 landmarks
 
 
 def test_exif_rotation_puts_the_box_on_the_face(tmp_path, redis_conn, astronaut_face):
@@ -174,6 +175,8 @@ def test_rq_workers_embed_a_folder_and_export(tmp_path, redis_conn, rq_workers, 
 
     data = np.load(out / "faces.npz")
     assert data["vectors"].shape == (4, 128) and data["landmarks"].shape == (4, 68, 2)
+    assert data["views_pooled"].shape == (4, 256) and data["views_mouth"].shape == (4, 192)
+    assert np.array_equal(data["views_eyes"][1], results[paths[1]].faces[0].views["eyes"])
     assert list(data["source"]) == paths[:4] and list(data["found_by"]) == ["hog"] * 4
     assert np.array_equal(data["vectors"][0], results[paths[0]].faces[0].vector)
     assert list(data["error_kind"]) == ["not_found"]
@@ -215,7 +218,7 @@ def _run_killing(redis_conn, rq_workers, paths, kill):
 
 
 def test_a_killed_work_horse_loses_nothing(redis_conn, rq_workers, photos):
-    paths = photos(14)
+    paths = photos(3 * MAX_CHIPS_PER_RUN)   # the job caches after each descriptor run
 
     def kill_horse(worker):
         (horse,) = _children(worker.pid)
@@ -230,7 +233,7 @@ def test_a_killed_work_horse_loses_nothing(redis_conn, rq_workers, photos):
 
 
 def test_a_worker_killed_outright_loses_nothing(redis_conn, rq_workers, photos):
-    paths = photos(14)
+    paths = photos(3 * MAX_CHIPS_PER_RUN)
 
     def kill_worker(worker):
         # The work-horse runs in a session of its own: kill it and its parent, leaving no one to

@@ -88,7 +88,7 @@ def test_jitter_changes_little(astronaut_face):
 
 
 @pytest.mark.parametrize("bad", [dict(detector="mtcnn"), dict(landmarks=7), dict(upsample=9),
-                                 dict(jitter=-1), dict(max_side=10)])
+                                 dict(jitter=-1), dict(max_side=10), dict(descriptor="tf")])
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         PipelineOptions(**bad)
@@ -99,14 +99,15 @@ def test_fingerprint_follows_every_option():
     assert base == fingerprint(PipelineOptions())
     changed = [PipelineOptions(upsample=2), PipelineOptions(fallback=True), PipelineOptions(jitter=1),
                PipelineOptions(landmarks=5), PipelineOptions(detector="cnn"),
-               PipelineOptions(max_side=800)]
+               PipelineOptions(max_side=800), PipelineOptions(descriptor="dlib")]
     prints = {fingerprint(o) for o in changed}
     assert base not in prints and len(prints) == len(changed)
 
 
-def test_describe_dlib_names_the_build():
+def test_describe_dlib_names_the_build_and_the_descriptor_runtime():
     line = describe_dlib()
-    assert line.startswith("dlib ") and "BLAS" in line and "AVX" in line
+    assert line.startswith("dlib ") and "AVX" in line and "descriptor: onnxruntime" in line
+    assert "WARNING" not in line
 
 
 def test_result_round_trips_through_bytes(astronaut):
@@ -120,3 +121,61 @@ def test_result_round_trips_through_bytes(astronaut):
     failed = ImageResult.failed("not_image", "cannot identify image file", "cd" * 32)
     back = ImageResult.from_bytes(failed.to_bytes())
     assert (back.error, back.message, back.faces) == ("not_image", "cannot identify image file", [])
+
+
+def canvas(side, *pieces):
+    """A grey side x side photo with each (image, left, top) pasted in."""
+    out = np.full((side, side, 3), 120, np.uint8)
+    for image, left, top in pieces:
+        out[top:top + image.shape[0], left:left + image.shape[1]] = image
+    return out
+
+
+def half(image):
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((image.shape[1] // 2, image.shape[0] // 2)))
+
+
+def test_auto_upsample_looks_again_when_nothing_is_found(astronaut_face):
+    small = canvas(400, (half(astronaut_face), 150, 150))      # a ~50 px face, under HOG's 80
+    assert get_pipeline(PipelineOptions(upsample=0)).faces(small) == []
+    faces = get_pipeline(PipelineOptions()).faces(small)
+    assert len(faces) == 1 and inside(faces[0].box, (150, 150, 265, 270))
+    assert [f.box for f in faces] == [f.box for f in get_pipeline(PipelineOptions(upsample=1)).faces(small)]
+
+
+def test_auto_upsample_finds_small_faces_beside_large_ones_in_a_large_photo(astronaut_face):
+    group = canvas(700, (astronaut_face, 20, 20), (half(astronaut_face), 400, 400))
+    assert len(get_pipeline(PipelineOptions(upsample=0)).faces(group)) == 1
+    faces = get_pipeline(PipelineOptions()).faces(group)
+    assert len(faces) == 2 and faces[0].box[0] < 300 < faces[1].box[0]
+    # a photo under small_faces_from is taken as a portrait: upsample 0's face only
+    assert len(get_pipeline(PipelineOptions(small_faces_from=701)).faces(group)) == 1
+
+
+def test_auto_upsample_finds_what_upsample_1_finds_on_these_photos(astronaut, astronaut_face):
+    pair = np.ascontiguousarray(np.concatenate([astronaut_face, astronaut_face[:, ::-1]], axis=1))
+    for photo in (astronaut_face, pair):
+        auto = get_pipeline(PipelineOptions()).faces(photo)
+        one = get_pipeline(PipelineOptions(upsample=1)).faces(photo)
+        assert len(auto) == len(one)
+        for a, b in zip(auto, one):
+            assert np.abs(np.array(a.box) - b.box).max() <= 12
+    # On the whole photo upsample 1 also takes the mission patch on her sleeve for a face (score
+    # ~0.1); auto keeps to her face.
+    one = get_pipeline(PipelineOptions(upsample=1)).faces(astronaut)
+    assert len(one) == 2 and inside(one[0].box, (120, 330, 220, 430), slack=5)
+    auto = get_pipeline(PipelineOptions()).faces(astronaut)
+    assert len(auto) == 1 and inside(auto[0].box, FACE)
+
+
+def test_upsample_settings():
+    from workers.pipeline import parse_upsample
+
+    assert parse_upsample("auto") == "auto" and parse_upsample(" 2") == 2
+    assert PipelineOptions.from_dict({"upsample": "auto"}) == PipelineOptions()
+    assert fingerprint(PipelineOptions(small_faces_from=320)) != fingerprint(PipelineOptions())
+    for bad in ("always", 1.5, True, 5):
+        with pytest.raises(ValueError):
+            PipelineOptions(upsample=bad)
