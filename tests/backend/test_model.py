@@ -242,3 +242,31 @@ def test_selection_prefers_the_clustering_that_predicts_held_out_labels():
     assert sel.cv["noisy"] <= 0.5 and sel.folds == 5
     with pytest.raises(ValueError, match="two values"):
         select([good], np.array(["a", "a", "b", None], dtype=object))
+
+
+def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
+    """8 of 12 faces confirmed (4 per value), glasses never: gender is shown on the 4 others
+    (coverage 4/4), its held-out values were right 8 times of 8; glasses shows nothing (0/12)."""
+    from backend import project_report
+
+    model, tasks, truth = project
+    model.predict(tasks, 1)
+    for aid, i in enumerate(FOUR + MORE, start=300):
+        confirm(model, tasks[i], aid, truth[tasks[i]["id"]])
+    model.refit(1)
+    results = model.predict(tasks, 1)
+    confirmed = {tasks[i]["id"] for i in FOUR + MORE}
+    others = [r for t, r in zip(tasks, results) if t["id"] not in confirmed]
+    shown = sum(bool(values(r, "gender")) for r in others)
+    report = project_report.build(redis_conn, 1)
+    g, gl = report["attributes"]["gender"], report["attributes"]["glasses"]
+    assert shown == 4 and g["coverage"] == shown / len(others) == 1.0
+    assert g["status"] == "shown" and g["shown_accuracy"] == 8 / 8 and g["shown_coverage_cv"] == 1.0
+    assert g["majority_baseline"] == 0.5
+    assert gl["status"] == "collecting" and gl["coverage"] == 0.0
+    assert sum(bool(values(r, "glasses")) for r in results) == 0
+    text = project_report.text(report)
+    assert "shown: accuracy (CV)" in text and "coverage" in text
+    line = next(l for l in text.splitlines() if l.split()[:2] == ["gender", "shown"])
+    assert "100.0%" in line
+    assert "coverage" in project_report.render_html(report)
