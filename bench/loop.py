@@ -313,8 +313,11 @@ def main() -> int:
         env["SUBDISC_REDIS_URL"] = url
         os.environ.update(env)
         r = redis.Redis.from_url(url)
-        for key in r.scan_iter("subdisc:project:*"):
-            r.delete(key)   # projects of an earlier run; the embedding cache stays
+        from backend.state import ProjectState
+
+        for p in range(1, 1 + len(args.orders.split(","))):
+            for key in r.scan_iter(ProjectState(r, p).prefix + "*"):
+                r.delete(key)   # this project's state from an earlier run; the embedding cache stays
         stack.start_workers(args.workers, url, QUEUE, env)
         from backend.model import SubdiscModel
         from workers.client import embed

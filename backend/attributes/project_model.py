@@ -47,7 +47,7 @@ from backend.attributes.clustering import Clusterer, clusterer_from_state, make_
 from backend.attributes.ordering import teaching_scores, uncertainty, value_need
 from backend.labeling_config import Attribute, LabelingConfig
 from backend.predictions import FacePrediction
-from backend.attributes.scoring import is_labelled, name_clusters, score
+from backend.attributes.scoring import is_labelled, score
 from backend.attributes.selection import MIN_PER_VALUE, choose, ready_values, splits
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,6 @@ def test_the_order_covers_every_value_before_repeating_one():
     centres = rng.normal(0, 1, (4, 128)) * 0.4
     group = np.arange(n) % 4
     X = centres[group] + rng.normal(0, 0.03, (n, 128))
-    values = np.array(["male", "female", "yes", "no"], dtype=object)
     keys = [f"{i}:0" for i in range(n)]
     config = parse(TWO_ATTRIBUTES)
     labels = {}
@@ -65,4 +64,3 @@ def test_the_order_covers_every_value_before_repeating_one():
         for i in todo[:4]:
             y[i] = "male" if group[i] < 2 else "female"
         labels = {"gender": y}
-    assert values is not None
