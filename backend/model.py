@@ -32,7 +32,9 @@ from backend.confirmations import acceptance, confirmed_labels
 from backend.labeling_config import ConfigError, LabelingConfig, parse
 from backend.posting import PENDING_SUFFIX
 from backend.predictions import box_percent, build, empty, pending
-from backend.project_model import Clusterings, ProjectModel, fit_project
+from backend.attributes.centroids import ModelFormatError
+from backend.attributes.project_model import Clusterings, ProjectModel, fit_project
+from backend.attributes.views import face_views, stack_views
 from backend.state import LockBusy, ProjectState
 from workers import connection
 from workers.cache import EmbeddingCache
@@ -55,9 +57,10 @@ DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
 
 @dataclass
 class ProjectFaces:
-    """Every face of a project's known photos: X (n, 128), and where each row comes from."""
+    """Every face of a project's known photos: X (n, 128), its views, and where each row comes from."""
 
     X: np.ndarray
+    views: dict[str, np.ndarray] = field(default_factory=dict)     # {view: (n, d)}
     rows: list[tuple[str, int]] = field(default_factory=list)        # (task id, face index)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)   # in %
     areas: list[float] = field(default_factory=list)
@@ -125,7 +128,10 @@ class SubdiscModel:
             stored = st.load_model()
             if stored is None:
                 return None
-            cached = ProjectModel.from_stored(*stored)
+            try:
+                cached = ProjectModel.from_stored(*stored)
+            except ModelFormatError:
+                return None   # stored by an older version: the next refit replaces it
             self._models[st.id] = cached
         return cached if cached.config_fingerprint == config.fingerprint() else None
 
@@ -185,7 +191,8 @@ class SubdiscModel:
         version = model.version if model is not None else no_model_version(config)
 
         ready = [(i, tid, r) for (i, tid, _), r in zip(looked_up, cached) if r is not None and r.ok]
-        face_predictions = self._face_predictions(model, [r for _, _, r in ready])
+        face_predictions = self._face_predictions(model, [r for _, _, r in ready],
+                                                  [tid for _, tid, _ in ready])
         shown = {}
         for (i, tid, result), faces in zip(ready, face_predictions):
             results[i], shown[tid] = build(result, faces, config, version)
@@ -229,13 +236,21 @@ class SubdiscModel:
             return tid, None, ("no_image", f"task {tid} has no {config.image_key!r} field in its data")
         return tid, source, None
 
-    def _face_predictions(self, model: ProjectModel | None, results: list[ImageResult]):
-        """Per image, the model's FacePredictions (None without a model), in one batched call."""
+    def _face_predictions(self, model: ProjectModel | None, results: list[ImageResult],
+                          task_ids: list[str] | None = None):
+        """Per image, the model's FacePredictions (None without a model), in one batched call.
+
+        task_ids (parallel to results) let the model give its planned teaching score to faces it
+        was fitted on."""
         if model is None:
             return [None] * len(results)
         counts = [len(r.faces) for r in results]
-        X = np.concatenate([r.vectors() for r in results]) if results else np.zeros((0, 128))
-        faces = model.predict(X)
+        per_face = [face_views(f) for r in results for f in r.faces]
+        views = stack_views(per_face) if per_face else {"vector": np.zeros((0, 128))}
+        keys = None
+        if task_ids is not None:
+            keys = [f"{tid}:{j}" for tid, r in zip(task_ids, results) for j in range(len(r.faces))]
+        faces = model.predict(views, keys)
         out, start = [], 0
         for c in counts:
             out.append(faces[start:start + c])
@@ -266,7 +281,8 @@ class SubdiscModel:
         model = self.ensure_model(st, config, inline=True)
         version = model.version if model is not None else no_model_version(config)
         posted_before = st.posted_versions(ids)
-        faces = self._face_predictions(model, [r for r in results if r is not None and r.ok])
+        ok = [(tid, r) for tid, r in zip(ids, results) if r is not None and r.ok]
+        faces = self._face_predictions(model, [r for _, r in ok], [tid for tid, _ in ok])
         faces_iter = iter(faces)
         errors, seen_by_task, todo, failures = {}, {}, [], []
         for tid, result in zip(ids, results):
@@ -401,7 +417,7 @@ class SubdiscModel:
         registry = st.tasks()
         ids = sorted(registry, key=lambda t: int(t) if t.isdigit() else t)
         results = self.cache.lookup_many([registry[t]["identity"] for t in ids])
-        vectors, faces = [], ProjectFaces(np.zeros((0, 128)), n_tasks=len(ids))
+        vectors, per_face, faces = [], [], ProjectFaces(np.zeros((0, 128)), n_tasks=len(ids))
         for tid, result in zip(ids, results):
             if result is None or not result.ok or not result.faces:
                 continue
@@ -411,8 +427,11 @@ class SubdiscModel:
                 faces.boxes.append(box_percent(face.box, result.width, result.height))
                 faces.areas.append(float(face.width * face.height))
                 vectors.append(face.vector)
+                per_face.append(face_views(face))
         if vectors:
             faces.X = np.stack(vectors).astype(np.float64)
+            # A view some faces lack (cached before it existed) is left out for the whole project.
+            faces.views = stack_views(per_face)
         return faces
 
     def ensure_model(self, st: ProjectState, config: LabelingConfig, inline: bool = False):
@@ -460,8 +479,9 @@ class SubdiscModel:
 
             clusterings = self._clusterings(st, len(faces.X))
             before = set(clusterings.fitted)
-            model = fit_project(faces.X, labels, config, clusterings, self.prior, self.fingerprint,
-                                n_tasks=faces.n_tasks)
+            views = faces.views or {"vector": faces.X}
+            model = fit_project(views, labels, config, clusterings, self.prior, self.fingerprint,
+                                n_tasks=faces.n_tasks, keys=[f"{t}:{j}" for t, j in faces.rows])
             if set(clusterings.fitted) != before:
                 st.save_clusterings(clusterings.to_bytes(), {"n_faces": clusterings.n_faces,
                                                              "pipeline": self.fingerprint})
@@ -508,6 +528,9 @@ def history_entry(model: ProjectModel, meta: dict, accepted: dict, changed: bool
             "confirmations": sum(info["confirmations"].values()),
             "accuracy": scores.get("accuracy"), "balanced_accuracy": scores.get("balanced_accuracy"),
             "per_value": scores.get("per_value"),
+            "coverage": info.get("coverage"),
+            "shown_accuracy": (info.get("gate") or {}).get("shown_accuracy"),
+            "view": info.get("view"),
             "shown": accepted.get(name, {}).get("shown", 0),
             "accepted": accepted.get(name, {}).get("accepted", 0)}
     return {"at": time.time(), "version": model.version, "changed": changed,

@@ -23,7 +23,7 @@ class FacePrediction:
     """The model's answer for one face.
 
     values: {attribute: (value or None when not yet named, score 0..1)}.
-    rank: how good a face this is to label first (0..1); see backend.project_model for how.
+    rank: how good a face this is to label first (0..1); see backend.attributes.project_model for how.
     """
 
     values: dict[str, tuple[str | None, float]] = field(default_factory=dict)

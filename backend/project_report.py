@@ -15,7 +15,7 @@ from collections import Counter
 
 from backend.confirmations import acceptance
 from backend.labeling_config import parse
-from backend.report import json_safe, figure_png, format_html, format_text, pct
+from backend.attributes.report import json_safe, figure_png, format_html, format_text, pct
 from backend.state import ProjectState
 
 
@@ -54,6 +54,14 @@ def build(redis, project) -> dict:
             "majority_baseline": scores.get("majority_baseline"), "per_value": scores.get("per_value"),
             "confusion": scores.get("confusion"), "confusion_values": scores.get("values"),
             "scored_faces": scores.get("n"), "prior_accuracy": info.get("prior_accuracy"),
+            "view": info.get("view"),
+            # Of the project's faces not confirmed yet, the share given a value now.
+            "coverage": info.get("coverage"),
+            # Held out (nested CV): how often a value above the threshold was right, and the
+            # share of held-out faces above it.
+            "shown_accuracy": (info.get("gate") or {}).get("shown_accuracy"),
+            "shown_coverage_cv": (info.get("gate") or {}).get("coverage"),
+            "threshold": (info.get("gate") or {}).get("threshold"),
             "history": [{"at": h["at"], "version": h["version"], **h["attributes"][name]}
                         for h in history if name in h.get("attributes", {})],
         }
@@ -91,24 +99,30 @@ def _named(report: dict):
 
 def summary_table(report: dict):
     header = ["attribute", "status", "confirmed", "accepted as is", "accuracy (CV)", "balanced",
-              "majority", "model", "per value"]
+              "majority", "shown: accuracy (CV)", "coverage", "model", "per value"]
     rows = []
     for name, a in report["attributes"].items():
         accepted = f"{a['accepted']}/{a['shown']} ({pct(a['accepted_rate'])})" if a["shown"] else "-"
-        model = f"{a['algo']} k={a['k']}" if a["algo"] else "-"
+        model = "-"
+        if a["algo"]:
+            model = a["algo"] + (f" k={a['k']}" if a["k"] else "") + (f" on {a['view']}" if a["view"] else "")
         per = ", ".join(f"{v} {pct(x)}" for v, x in (a["per_value"] or {}).items()) or "-"
+        shown = pct(a["shown_accuracy"]) if a["status"] == "shown" else "-"
         rows.append([name, a["status"], str(a["confirmed"]), accepted, pct(a["accuracy"]),
-                     pct(a["balanced_accuracy"]), pct(a["majority_baseline"]), model, per])
+                     pct(a["balanced_accuracy"]), pct(a["majority_baseline"]), shown,
+                     pct(a["coverage"]), model, per])
     return header, rows
 
 
 def history_table(report: dict):
-    header = ["refit", "version", "attribute", "confirmed", "accuracy (CV)", "model", "accepted as is"]
+    header = ["refit", "version", "attribute", "status", "confirmed", "accuracy (CV)",
+              "shown: accuracy (CV)", "coverage", "model", "accepted as is"]
     rows = []
     for name, a in report["attributes"].items():
         for i, h in enumerate(a["history"], start=1):
-            model = f"{h['algo']} k={h['k']}" if h.get("algo") else "-"
-            rows.append([str(i), h["version"], name, str(h["confirmations"]), pct(h["accuracy"]),
+            model = (h["algo"] + (f" k={h['k']}" if h.get("k") else "")) if h.get("algo") else "-"
+            rows.append([str(i), h["version"], name, str(h.get("status", "-")), str(h["confirmations"]),
+                         pct(h["accuracy"]), pct(h.get("shown_accuracy")), pct(h.get("coverage")),
                          model, f"{h['accepted']}/{h['shown']}"])
     return header, rows
 

@@ -101,7 +101,7 @@ def basic_auth() -> tuple[str, str] | None:
 
 @functools.lru_cache(maxsize=4)
 def _load_prior(path: str, mtime_ns: int):
-    from backend.centroids import CentroidModel
+    from backend.attributes.centroids import CentroidModel
 
     model = CentroidModel.load(path)
     log.info("prior %s: attributes %s", path, ", ".join(model.attributes))

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend import study  # noqa: E402
-from backend.report import (efficiency_table, extra_table, format_text, hierarchy_table,  # noqa: E402
+from backend.attributes import study  # noqa: E402
+from backend.attributes.report import (efficiency_table, extra_table, format_text, hierarchy_table,  # noqa: E402
                             holdout_table, intra_table, pct, write_report)
-from backend.scoring import apply_names, name_clusters, score  # noqa: E402
+from backend.attributes.scoring import apply_names, name_clusters, score  # noqa: E402
 
 #: The study's Table 1 averages (its 200-image set), by (k, attribute, value).
 PAPER_TABLE1 = {
@@ -67,7 +67,7 @@ def paper_beside_table1(extra) -> tuple[list[str], list[list[str]]]:
 
 def _split_named(X, y, parent_k: int):
     """(ids, names) of the hierarchy split below parent_k groups, named with all labels y."""
-    from backend.clustering import make_clusterer
+    from backend.attributes.clustering import make_clusterer
 
     ids = make_clusterer("residual", len(study.label_values(y)), random_state=0, parent_k=parent_k).fit(X).labels_
     return ids, name_clusters(ids, y, int(ids.max()) + 1)

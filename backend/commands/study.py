@@ -31,7 +31,7 @@ def _names(text: str) -> list[str]:
 
 
 def register(sub) -> None:
-    from backend.clustering import CLUSTERERS, PREPROCESS
+    from backend.attributes.clustering import CLUSTERERS, PREPROCESS
     from backend.commands.embed import add_connection_arguments, add_pipeline_arguments
 
     p = sub.add_parser("study", help="cluster labelled faces and score the clusters (the seed study)",
@@ -82,7 +82,7 @@ def register(sub) -> None:
 
 
 def load_faces(args, rows):
-    from backend import study
+    from backend.attributes import study
 
     images = args.images or args.labels.parent
     if not images.is_dir():
@@ -108,7 +108,7 @@ def load_faces(args, rows):
 
 
 def run(args) -> int:
-    from backend import report, study
+    from backend.attributes import report, study
 
     if not args.labels.exists():
         raise CommandError(f"no such labels file: {args.labels}")

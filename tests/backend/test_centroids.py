@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from backend.centroids import (CentroidModel, ModelFormatError, fit_attribute)
-from backend.clustering import make_clusterer
-from backend.scoring import apply_names, name_clusters, score
-from backend.study import planted_hierarchy
+from backend.attributes.centroids import (CentroidModel, ModelFormatError, fit_attribute)
+from backend.attributes.clustering import make_clusterer
+from backend.attributes.scoring import apply_names, name_clusters, score
+from backend.attributes.study import planted_hierarchy
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from backend.clustering import (CLUSTERERS, AgglomerativeClusterer, ChineseWhispers,
+from backend.attributes.clustering import (CLUSTERERS, AgglomerativeClusterer, ChineseWhispers,
                                 GaussianMixtureClusterer, KMeansClusterer, Preprocessor,
                                 clusterer_from_state, make_clusterer)
-from backend.study import planted_hierarchy
+from backend.attributes.study import planted_hierarchy
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_factory_and_registry():
 def test_a_face_s_distance_to_its_centre_is_taken_where_the_clusterer_works(planted, algo):
     """centrality (which faces to label first) reads distances through transform(): for the
     residual split that is residual space, not the preprocessed input."""
-    from backend.project_model import _assignments
+    from backend.attributes.project_model import _assignments
 
     X, _ = planted
     c = make_clusterer(algo, 4, random_state=0).fit(X)

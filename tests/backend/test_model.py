@@ -8,11 +8,11 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 from rq import Queue
 
-from backend.centroids import CentroidModel, fit_attribute
+from backend.attributes.centroids import CentroidModel, fit_attribute
 from backend.confirmations import acceptance, confirmed_labels
 from backend.model import PENDING_SUFFIX, ProjectFaces, SubdiscModel, no_model_version
 from backend.labeling_config import ConfigError, parse
-from backend.selection import Candidate, select
+from backend.attributes.selection import Candidate, select
 from backend.state import ProjectState
 from workers.pipeline import PipelineOptions, fingerprint
 
@@ -46,45 +46,60 @@ def values(prediction, name):
 
 
 def test_before_confirmations_boxes_only_and_cluster_centres_first(project):
-    model, tasks, _ = project
+    model, tasks, truth = project
     results = model.predict(tasks, "1.1714000000")
     version = model.model_version(1)
     assert version.startswith("subdisc-1-") and version != no_model_version(parse(TWO_ATTRIBUTES))
     assert all(r["model_version"] == version for r in results)
     assert all([x["type"] for x in r["result"]] == ["rectanglelabels"] for r in results)
-    # Each group's exact centre is the most central face of its cluster: both sort to the top.
+    # The teaching order: the first two tasks hold one face of each group (the top split first),
+    # the first a most typical face; a strict ranking (one task after the other, the first at 1).
     order = sorted(range(len(tasks)), key=lambda i: -results[i]["score"])
-    assert {tasks[i]["id"] for i in order[:2]} == {1, 7}
-    assert results[order[0]]["score"] == results[order[1]]["score"] == 1.0
-    assert max(r["score"] for r in results if r is not results[order[0]]
-               and r is not results[order[1]]) < 1.0
+    assert {truth[tasks[i]["id"]] for i in order[:2]} == {"male", "female"}
+    assert tasks[order[0]]["id"] in (1, 7) and results[order[0]]["score"] == 1.0
+    assert len({r["score"] for r in results}) == len(results)
+
+
+FOUR = [0, 1, 6, 7]
+MORE = [2, 3, 8, 9]
 
 
 def test_confirmations_name_the_clusters_and_bump_the_version(project, redis_conn):
     model, tasks, truth = project
     model.predict(tasks, 1)
     v1 = model.model_version(1)
-    for aid, i in enumerate([0, 1, 6, 7], start=100):
+    for aid, i in enumerate(FOUR, start=100):
         summary = confirm(model, tasks[i], aid, truth[tasks[i]["id"]])
         assert summary["changed"] == 1
     assert summary["refit"] is None   # one refit queued for all four events (the first queued it)
     assert len(Queue("subdisc-test", connection=redis_conn)) == 1
 
+    # Four confirmations name the clusters right, but four held-out answers cannot show that the
+    # model beats guessing: the attribute stays silent (boxes only).
+    model.refit(1)
+    info = ProjectState(redis_conn, 1).load_model()[1]["info"]
+    assert info["gender"]["status"] == "silent"
+    assert info["gender"]["selection"]["scores"]["accuracy"] == 1.0
+    assert all(values(r, "gender") == [] for r in model.predict(tasks, 1))
+
+    for aid, i in enumerate(MORE, start=104):
+        confirm(model, tasks[i], aid, truth[tasks[i]["id"]])
     assert model.refit(1)["status"] == "changed"
     v2 = model.model_version(1)
-    assert v2 != v1 and v2.startswith("subdisc-2-")
+    assert v2 != v1 and v2.startswith("subdisc-3-")
     results = model.predict(tasks, 1)
     assert [values(r, "gender")[0] for r in results] == [truth[t["id"]] for t in tasks]
     assert all(values(r, "glasses") == [] for r in results)   # no confirmation: boxes only
     for r in results:
         assert LabelInterface(TWO_ATTRIBUTES).validate_prediction(r, return_errors=True) == []
     info = ProjectState(redis_conn, 1).load_model()[1]["info"]
-    assert info["gender"]["status"] == "named" and info["glasses"]["status"] == "collecting"
-    assert info["gender"]["confirmations"] == {"male": 2, "female": 2}
+    assert info["gender"]["status"] == "shown" and info["glasses"]["status"] == "collecting"
+    assert info["gender"]["confirmations"] == {"male": 4, "female": 4}
     assert info["gender"]["selection"]["scores"]["accuracy"] == 1.0
+    assert info["gender"]["coverage"] == 1.0   # the 4 faces not confirmed all get a value
 
     # The same events again (replays), or an older update arriving late: nothing changes.
-    for aid, i in enumerate([0, 1, 6, 7], start=100):
+    for aid, i in enumerate(FOUR + MORE, start=100):
         assert confirm(model, tasks[i], aid, truth[tasks[i]["id"]])["changed"] == 0
     assert confirm(model, tasks[0], 100, "female", updated="2024-04-01T00:00:00Z",
                    action="ANNOTATION_UPDATED")["changed"] == 0
@@ -92,11 +107,12 @@ def test_confirmations_name_the_clusters_and_bump_the_version(project, redis_con
     assert model.refit(1)["status"] == "unchanged" and model.model_version(1) == v2
     assert len(ProjectState(redis_conn, 1).history()) == history   # a no-op refit is not history
 
-    # Deleting two confirmations leaves too few to name: back to boxes only, a new version.
+    # Deleting the male confirmations leaves one value: back to boxes only, a new version.
     deleted = model.record_event("ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
-                                                         "annotations": [{"id": 100}, {"id": 102}],
+                                                         "annotations": [{"id": a} for a in
+                                                                         (100, 101, 104, 105)],
                                                          "project": {"id": 1}})
-    assert deleted["changed"] == 2
+    assert deleted["changed"] == 4
     model.refit(1)
     assert model.model_version(1) not in (v1, v2)
     assert all(values(r, "gender") == [] for r in model.predict(tasks, 1))
@@ -112,12 +128,14 @@ def test_cross_validated_scores_match_a_hand_computation(project, redis_conn):
         confirm(model, task, 200 + i, label)
     model.refit(1)
     sel = ProjectState(redis_conn, 1).load_model()[1]["info"]["gender"]["selection"]
-    assert sel["chosen"] == "kmeans:2"
+    assert sel["chosen"] == "clusters:kmeans:2"   # all perfect but for the mislabel: the simplest
     assert sel["scores"]["accuracy"] == pytest.approx(11 / 12)
     assert sel["scores"]["values"] == ["female", "male"]
     assert sel["scores"]["confusion"] == [[6, 1], [0, 5]]
     assert sel["scores"]["per_value"] == pytest.approx({"female": 6 / 7, "male": 1.0})
-    assert set(sel["cv"]) == {"kmeans:2", "gmm:2", "kmeans:4", "gmm:4"}   # 2k <= 12 faces
+    # 2k <= 12 faces; mixtures at k = 2 only; every supervised learner on every view.
+    assert {"clusters:kmeans:2", "clusters:gmm:2", "clusters:kmeans:4", "mean:vector", "logreg:vector",
+            "spread:vector"} <= set(sel["cv"])
 
 
 def test_a_saved_prior_names_clusters_before_any_confirmation(project, redis_conn, centres):
@@ -224,3 +242,31 @@ def test_selection_prefers_the_clustering_that_predicts_held_out_labels():
     assert sel.cv["noisy"] <= 0.5 and sel.folds == 5
     with pytest.raises(ValueError, match="two values"):
         select([good], np.array(["a", "a", "b", None], dtype=object))
+
+
+def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
+    """8 of 12 faces confirmed (4 per value), glasses never: gender is shown on the 4 others
+    (coverage 4/4), its held-out values were right 8 times of 8; glasses shows nothing (0/12)."""
+    from backend import project_report
+
+    model, tasks, truth = project
+    model.predict(tasks, 1)
+    for aid, i in enumerate(FOUR + MORE, start=300):
+        confirm(model, tasks[i], aid, truth[tasks[i]["id"]])
+    model.refit(1)
+    results = model.predict(tasks, 1)
+    confirmed = {tasks[i]["id"] for i in FOUR + MORE}
+    others = [r for t, r in zip(tasks, results) if t["id"] not in confirmed]
+    shown = sum(bool(values(r, "gender")) for r in others)
+    report = project_report.build(redis_conn, 1)
+    g, gl = report["attributes"]["gender"], report["attributes"]["glasses"]
+    assert shown == 4 and g["coverage"] == shown / len(others) == 1.0
+    assert g["status"] == "shown" and g["shown_accuracy"] == 8 / 8 and g["shown_coverage_cv"] == 1.0
+    assert g["majority_baseline"] == 0.5
+    assert gl["status"] == "collecting" and gl["coverage"] == 0.0
+    assert sum(bool(values(r, "glasses")) for r in results) == 0
+    text = project_report.text(report)
+    assert "shown: accuracy (CV)" in text and "coverage" in text
+    line = next(l for l in text.splitlines() if l.split()[:2] == ["gender", "shown"])
+    assert "100.0%" in line
+    assert "coverage" in project_report.render_html(report)

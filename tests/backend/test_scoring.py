@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.clustering import make_clusterer
-from backend.scoring import (apply_names, follows, hierarchy, name_clusters, purity, score,
+from backend.attributes.clustering import make_clusterer
+from backend.attributes.scoring import (apply_names, follows, hierarchy, name_clusters, purity, score,
                              summarise)
-from backend.study import planted_hierarchy
+from backend.attributes.study import planted_hierarchy
 
 A = np.array
 
@@ -80,7 +80,7 @@ def test_summarise_mean_and_spread():
 
 def test_named_clusters_of_the_planted_skin_split_score_perfectly():
     X, labels = planted_hierarchy(n_per_group=10, seed=2)
-    from backend.clustering import KMeansClusterer
+    from backend.attributes.clustering import KMeansClusterer
 
     ids = KMeansClusterer(2, random_state=0).fit_predict(X)
     names = name_clusters(ids, labels["skin"], 2)

@@ -359,7 +359,7 @@ def test_webhooks_refits_and_the_report_against_a_hand_computation(backend, redi
     assert (gender["shown"], gender["accepted"]) == (4, 3) and gender["accepted_rate"] == 0.75
     # Held out (2 stratified folds), clusters are named male (group 1) and female (group 2) from
     # the other fold whatever the split, so only task 10 (a group-2 face confirmed "male") is wrong.
-    assert gender["chosen"] == "kmeans:2" and (gender["algo"], gender["k"]) == ("kmeans", 2)
+    assert gender["chosen"] == "clusters:kmeans:2" and (gender["algo"], gender["k"]) == ("clusters", 2)
     assert gender["accuracy"] == pytest.approx(6 / 7)
     assert gender["confusion_values"] == ["female", "male"] and gender["confusion"] == [[2, 0], [1, 4]]
     assert gender["per_value"] == pytest.approx({"female": 1.0, "male": 0.8})

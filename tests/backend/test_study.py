@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from backend import study
-from backend.centroids import CentroidModel
-from backend.study import planted_hierarchy
+from backend.attributes import study
+from backend.attributes.centroids import CentroidModel
+from backend.attributes.study import planted_hierarchy
 
 
 @pytest.fixture(scope="module")

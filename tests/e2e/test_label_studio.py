@@ -239,7 +239,7 @@ def test_confirmations_refit_and_report_match_a_hand_count(predicted):
         confirmations[value] += 1
     after_first = wait_for_refit(live, len(first))
     named = after_first["attributes"][ATTRIBUTE]
-    assert named["status"] == "named", named
+    assert named["status"] in ("shown", "silent"), named   # silent until held-out answers beat the majority
     assert named["confirmations"] == dict(confirmations)
     assert after_first["model_version"] != version0, "a refit that names clusters must bump the version"
 

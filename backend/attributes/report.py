@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.scoring import Scores
+from backend.attributes.scoring import Scores
 
 Table = tuple[list[str], list[list[str]]]
 

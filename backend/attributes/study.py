@@ -8,7 +8,7 @@
     ceiling = supervised_ceiling(faces.X, faces.column("gender"))
     curve = label_efficiency(faces.X, faces.column("gender"))
 
-Every accuracy comes as backend.scoring.Scores: with the majority-class baseline of the same rows and
+Every accuracy comes as backend.attributes.scoring.Scores: with the majority-class baseline of the same rows and
 the balanced accuracy beside it.
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.centroids import CentroidModel, candidates, select_attribute_model
-from backend.clustering import ChineseWhispers, make_clusterer
-from backend.scoring import (HierarchyLevel, Scores, Summary, apply_names, hierarchy, is_labelled,
+from backend.attributes.centroids import CentroidModel, candidates, select_attribute_model
+from backend.attributes.clustering import ChineseWhispers, make_clusterer
+from backend.attributes.scoring import (HierarchyLevel, Scores, Summary, apply_names, hierarchy, is_labelled,
                              label_values, name_clusters, score, summarise)
+from backend.attributes.views import MOUTH_FEATURES, align_landmarks, mouth_features, mouth_shape  # noqa: F401
 
 # --- labelled faces ------------------------------------------------------------------------------
 
@@ -192,55 +193,6 @@ def faces_from_embeddings(rows: list[dict], images_dir, results: dict) -> Labell
 
 
 # --- another view of the face: mouth geometry from the 68 landmarks -------------------------------
-
-#: dlib's 68-point layout: eyes 36-41 / 42-47, outer lip 48-59 (corners 48, 54; top 51, bottom 57),
-#: inner lip 60-67 (top 62, bottom 66), jaw 0-16.
-MOUTH_FEATURES = ("mouth_width", "outer_opening", "inner_opening", "corner_lift",
-                  "mouth_drop", "width_to_jaw")
-
-
-def align_landmarks(landmarks: np.ndarray) -> np.ndarray:
-    """(n, 68, 2) -> (n, 68, 2): eyes level, inter-ocular distance 1, origin between the eyes.
-
-    Removes the photo's scale, in-plane rotation and position, so the geometry compares across photos.
-    """
-    P = np.asarray(landmarks, np.float64)
-    left, right = P[:, 36:42].mean(1), P[:, 42:48].mean(1)
-    mid = (left + right) / 2
-    axis = right - left
-    iod = np.maximum(np.linalg.norm(axis, axis=1), 1e-9)
-    cos, sin = axis[:, 0] / iod, axis[:, 1] / iod
-    Q = P - mid[:, None, :]
-    x = (Q[..., 0] * cos[:, None] + Q[..., 1] * sin[:, None]) / iod[:, None]
-    y = (-Q[..., 0] * sin[:, None] + Q[..., 1] * cos[:, None]) / iod[:, None]
-    return np.stack([x, y], axis=-1)
-
-
-def mouth_features(landmarks: np.ndarray) -> np.ndarray:
-    """(n, 68, 2) landmarks -> (n, 6) normalised mouth geometry (see MOUTH_FEATURES).
-
-    In eye-aligned units (inter-ocular distance 1, y down): mouth width (corner to corner); outer and
-    inner lip opening; corner lift (lip centre height minus mouth-corner height: positive when the
-    corners rise, as in a smile); mouth drop (lip centre below the eyes, grows as the jaw opens);
-    mouth width over jaw width (less sensitive to head turn than over the eye distance).
-    """
-    A = align_landmarks(landmarks)
-    width = np.linalg.norm(A[:, 54] - A[:, 48], axis=1)
-    outer = np.linalg.norm(A[:, 57] - A[:, 51], axis=1)
-    inner = np.linalg.norm(A[:, 66] - A[:, 62], axis=1)
-    centre_y = (A[:, 62, 1] + A[:, 66, 1]) / 2
-    corners_y = (A[:, 48, 1] + A[:, 54, 1]) / 2
-    lift = centre_y - corners_y
-    drop = centre_y
-    jaw = np.maximum(np.linalg.norm(A[:, 16] - A[:, 0], axis=1), 1e-9)
-    return np.stack([width, outer, inner, lift, drop, width / jaw], axis=1)
-
-
-def mouth_shape(landmarks: np.ndarray) -> np.ndarray:
-    """(n, 68, 2) -> (n, 40): the 20 eye-aligned mouth landmarks, centred on the mouth."""
-    A = align_landmarks(landmarks)[:, 48:68]
-    return (A - A.mean(axis=1, keepdims=True)).reshape(len(A), -1)
-
 
 def standardise(F: np.ndarray) -> np.ndarray:
     """Z-score each column (within the rows given); constant columns become 0."""

@@ -2,7 +2,7 @@
 
 The clusterings are fitted on all the project's faces, without labels. What labels decide is only
 the naming: on each cross-validation fold the clusters are named from the training labels
-(backend.scoring.name_clusters) and scored on the held-out labels, so a candidate (algorithm, k) is
+(backend.attributes.scoring.name_clusters) and scored on the held-out labels, so a candidate (algorithm, k) is
 judged on labels it was not named with. The reported accuracy of the chosen model is nested: in each
 outer fold the choice itself is made again on the outer-training labels only, so the figure is not
 flattered by having picked the best of several candidates on the same labels.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.scoring import Scores, apply_names, name_clusters, score
+from backend.attributes.scoring import Scores, apply_names, name_clusters, score
 
 #: Values need this many confirmations before clusters are named after them.
 MIN_PER_VALUE = 2
@@ -57,18 +57,25 @@ class Selection:
                 "folds": self.folds}
 
 
+#: Once two values have this many confirmations, values with fewer wait (a value confirmed twice
+#: among dozens would cut the cross-validation to two folds and rarely be predicted right).
+SETTLED = 5
+
+
 def ready_values(y, min_count: int = MIN_PER_VALUE) -> list[str]:
-    """Values confirmed at least min_count times (sorted)."""
+    """Values confirmed at least min_count times (sorted); only those with SETTLED once two have."""
     counts = Counter(str(v) for v in y if v is not None and str(v) != "")
+    if sum(c >= SETTLED for c in counts.values()) >= 2:
+        min_count = max(min_count, SETTLED)
     return sorted(v for v, c in counts.items() if c >= min_count)
 
 
-def splits(y: np.ndarray, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified folds (as many as the rarest value allows, at most MAX_FOLDS); [] if < 2."""
+def splits(y: np.ndarray, seed: int = 0, max_folds: int = MAX_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds (as many as the rarest value allows, at most max_folds); [] if < 2."""
     from sklearn.model_selection import StratifiedKFold
 
     _, counts = np.unique(y.astype(str), return_counts=True)
-    n = int(min(MAX_FOLDS, counts.min())) if len(counts) > 1 else 0
+    n = int(min(max_folds, counts.min())) if len(counts) > 1 else 0
     if n < 2:
         return []
     return list(StratifiedKFold(n, shuffle=True, random_state=seed).split(np.zeros(len(y)), y.astype(str)))
@@ -120,3 +127,83 @@ def select(candidates: list[Candidate], y, seed: int = 0) -> Selection:
         c = by_key[key]
         pred[test] = apply_names(c.ids[test], c.name(c.ids[train], y[train], values))
     return Selection(chosen, cv, score(y, pred, values), folds=len(outer))
+
+
+# --- choosing among candidate learners (backend.attributes.candidates) -----------------------------
+
+@dataclass
+class Choice:
+    """The learner chosen for one attribute, and the honest figures of choosing that way.
+
+    held_out: (m, len(values)) each labelled face's probabilities from the nested procedure (the
+    learner chosen on its outer-training labels, fitted on them); pred / conf: its argmax and max.
+    """
+
+    chosen: str
+    cv: dict[str, float]
+    values: list[str]
+    y: np.ndarray
+    held_out: np.ndarray
+    folds: int = 0
+
+    @property
+    def pred(self) -> np.ndarray:
+        return np.array(self.values, dtype=object)[self.held_out.argmax(1)]
+
+    @property
+    def conf(self) -> np.ndarray:
+        return self.held_out.max(1)
+
+    def scores(self) -> Scores:
+        return score(self.y, self.pred, self.values)
+
+
+def _fold_proba(make, V, rows, y, values, folds) -> np.ndarray:
+    out = np.zeros((len(rows), len(values)))
+    for train, test in folds:
+        out[test] = make().fit(V, rows[train], y[train], values).predict_proba(V[rows[test]])
+    return out
+
+
+def choose(factories: list, views: dict[str, np.ndarray], rows, y, seed: int = 0,
+           inner_max: int = 3) -> tuple["Choice", list]:
+    """Nested cross-validated choice among learners (factories: callables -> fresh Learner).
+
+    views: {view: (n, d)} every project face; rows: (m,) the labelled faces; y: (m,) their values
+    (only values with MIN_PER_VALUE confirmations take part). Outer folds score every candidate
+    (plain CV, ties to the earlier = simpler one) and choose; for the nested figure each outer fold
+    chooses again by an inner CV of its training labels only, and the held-out face is predicted by
+    that choice fitted on the outer-training labels. Returns (Choice, the chosen learner fitted on
+    every label).
+    """
+    y = np.asarray(y, dtype=object)
+    values = ready_values(y)
+    if len(values) < 2:
+        raise ValueError("at least two values need confirmations before a model can be chosen")
+    keep = np.isin(y.astype(str), values)
+    rows, y = np.asarray(rows)[keep], y[keep]
+    learners = [f() for f in factories]
+    keys = [l.key for l in learners]
+    make = dict(zip(keys, factories))
+    V = {k: views[l.view] for k, l in zip(keys, learners)}
+    outer = splits(y, seed)
+    if not outer:
+        raise ValueError("too few confirmations for cross-validation")
+    held = {k: _fold_proba(make[k], V[k], rows, y, values, outer) for k in keys}
+    vals = np.array(values, dtype=object)
+    cv = {k: float(np.mean(vals[held[k].argmax(1)] == y)) for k in keys}
+    chosen = max(keys, key=lambda k: cv[k])     # max keeps the first of equals
+    nested = np.zeros((len(y), len(values)))
+    for train, test in outer:
+        inner = splits(y[train], seed, inner_max)
+        if inner:
+            acc = {}
+            for k in keys:
+                P = _fold_proba(make[k], V[k], rows[train], y[train], values, inner)
+                acc[k] = float(np.mean(vals[P.argmax(1)] == y[train]))
+            pick = max(keys, key=lambda k: acc[k])
+        else:
+            pick = keys[0]   # too few labels to choose honestly: the simplest
+        nested[test] = held[pick][test]
+    final = make[chosen]().fit(V[chosen], rows, y, values)
+    return Choice(chosen, cv, values, y, nested, len(outer)), final

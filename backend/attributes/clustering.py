@@ -6,7 +6,7 @@
 
 Every clusterer predicts with its own numpy code from a few fitted arrays (centres, variances,
 mixture parameters), so a clusterer rebuilt from `get_state()` by `from_state()` predicts exactly as
-the fitted one did: that is what the saved centroid model (backend/centroids.py) relies on.
+the fitted one did: that is what the saved centroid model (backend/attributes/centroids.py) relies on.
 
 A new algorithm is one small class: subclass `CentroidClusterer`, implement `_fit_labels(Z)` (cluster
 ids of the preprocessed training vectors), and add it to `CLUSTERERS`.

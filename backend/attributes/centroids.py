@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.clustering import Clusterer, clusterer_from_state, make_clusterer
-from backend.scoring import Scores, apply_names, is_labelled, label_values, name_clusters, score
+from backend.attributes.clustering import Clusterer, clusterer_from_state, make_clusterer
+from backend.attributes.scoring import Scores, apply_names, is_labelled, label_values, name_clusters, score
 
 FORMAT = "subdisc-centroid-model"
 #: The file layout this code writes; files of other versions are refused with a clear error.
