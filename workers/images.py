@@ -319,8 +319,10 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
         # Only to Label Studio's origin (same scheme too: never in clear text to an https Label
         # Studio's host); either kind of token (labelstudio_auth refreshes a PAT for an access token).
         try:
+            # Photos come from Label Studio's /data/ alone: a task naming its /api/ gets no token.
             headers = labelstudio_auth.headers_for(settings.label_studio_url,
-                                                   settings.label_studio_token, url)
+                                                   settings.label_studio_token, url) \
+                if _under_data(url, settings.label_studio_url) else {}
         except labelstudio_auth.AuthError as e:
             raise ImageError("unreachable" if e.transient else "unreadable", str(e),
                              transient=e.transient) from None
@@ -344,6 +346,16 @@ def _fetch(url: str, settings: FetchSettings) -> bytes:
             _check_status(resp, url, is_ls)
             return _read_body(resp, url, settings.max_bytes, deadline)
     raise ImageError("unreadable", f"too many redirects from {url!r}")
+
+
+def _under_data(url: str, label_studio_url: str | None) -> bool:
+    """Whether url's path (decoded, "." and ".." resolved) lies under Label Studio's /data/ (below
+    the path Label Studio is served at, if any)."""
+    base = urlsplit(label_studio_url or "").path.rstrip("/")
+    path = posixpath.normpath("/" + unquote(urlsplit(url).path).lstrip("/"))
+    if base and not (path + "/").startswith(base + "/"):
+        return False
+    return _data_path(path[len(base):] or "/") is not None
 
 
 def _check_status(resp: requests.Response, url: str, is_ls: bool):

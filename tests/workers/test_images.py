@@ -353,8 +353,8 @@ class Server:
                 server.requests.append((self.headers.get("Host"), self.path,
                                         self.headers.get("Authorization")))
                 path = self.path.split("?")[0]
-                if path.startswith("/redirect/"):                       # /redirect/<host>/<path>
-                    host, rest = path[len("/redirect/"):].split("/", 1)
+                if path.startswith(("/redirect/", "/data/redirect/")):  # [/data]/redirect/<host>/<path>
+                    host, rest = path.split("/redirect/", 1)[1].split("/", 1)
                     self.send_response(302)
                     self.send_header("Location", f"http://{host}:{server.port}/{rest}")
                     self.end_headers()
@@ -426,10 +426,26 @@ def test_token_goes_to_label_studio_only(server, ls_settings, png_bytes):
 
 
 def test_redirect_away_from_label_studio_drops_the_token(server, ls_settings, png_bytes):
-    assert read_bytes(f"{server.url}/redirect/localhost/img/face.png", ls_settings) == png_bytes
+    assert read_bytes(f"{server.url}/data/redirect/localhost/img/face.png", ls_settings) == png_bytes
     auth = server.auth_by_path()
-    assert auth["/redirect/localhost/img/face.png"] == "Token s3cret"
+    assert auth["/data/redirect/localhost/img/face.png"] == "Token s3cret"
     assert auth["/img/face.png"] is None
+
+
+def test_label_studio_paths_outside_data_get_no_token(server, ls_settings, png_bytes):
+    # A task naming Label Studio's own API by an absolute URL: fetched (an allowed host) without the
+    # token, so it reads nothing a labeler's token could; /data/ reached through ".." likewise.
+    expect_error("not_found", read_bytes, f"{server.url}/api/projects/", ls_settings)
+    expect_error("not_found", read_bytes, f"{server.url}/data/../api/projects/", ls_settings)
+    # (this stand-in serves its image for any /data/upload/ path; what matters is the header)
+    read_bytes(f"{server.url}/data/upload/%2e%2e/%2e%2e/api/projects/", ls_settings)
+    assert all(auth is None for _, path, auth in server.requests), server.requests
+    assert read_bytes(f"{server.url}/data/upload/1/face.png", ls_settings) == png_bytes
+    assert server.requests[-1][2] == "Token s3cret"
+    # Label Studio served below a path: its /data/ is below that path.
+    sub = FetchSettings(label_studio_url=f"{server.url}/ls", label_studio_token="s3cret")
+    expect_error("not_found", read_bytes, f"{server.url}/ls/api/x", sub)
+    assert server.requests[-1][2] is None
 
 
 def test_redirect_to_a_host_not_allowed(server, ls_settings):
