@@ -62,7 +62,9 @@ def test_label_studio_down_and_back(restartable_redis, fault_workers, tmp_path, 
         assert 5 in stored_annotation_ids(client)          # nothing deleted on a partial listing
         time.sleep(max(0.0, DOWN - (time.monotonic() - down_at)))
         ls.restart()
-
+        # Reconciliations run at most once per SUBDISC_RECONCILE_SECONDS (1 s here), and a refit may
+        # have just taken that turn while Label Studio was down: the next webhook after it is due.
+        time.sleep(1.5)
         annotate(61, tasks[1], "male")                 # the next webhook queues a reconciliation
         truth.add(61)
         wait_until("the store to match Label Studio", lambda: stored_annotation_ids(client) == truth,
