@@ -69,10 +69,12 @@ def main() -> int:
     config = default_config_xml()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
-    env = {"SUBDISC_QUEUE": QUEUE}
+    # The photos' folder is the backend's local-files root, as a user's Label Studio storage would
+    # be: the backend reads no local path outside the roots it is given.
+    env = {"SUBDISC_QUEUE": QUEUE, "SUBDISC_LOCAL_FILES_ROOT": str(args.faces.resolve())}
     # What the backend must not take from this shell: the bench is its own Label Studio.
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "SUBDISC_FALLBACK",
-                 "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+                 "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "SUBDISC_EXTRA_ROOTS"):
         os.environ.pop(name, None)
     latency = None
     with StandInLabelStudio(token="bench") as ls:
@@ -100,6 +102,10 @@ def main() -> int:
                 resp = http.post(url + "/predict", json=body(tasks, config), timeout=100)
                 answered = time.time() - t0
                 pending = sum(p["model_version"].endswith(PENDING_SUFFIX) for p in resp.json()["results"])
+                if pending < len(tasks):   # answered at once: refused or unreadable, nothing to time
+                    print(f"only {pending} of {len(tasks)} tasks were queued; the others' errors: "
+                          f"{http.get(url + '/report', params={'project': PROJECT}).text[:500]}")
+                    return 1
                 got = ls.wait_for(len(tasks), timeout=args.timeout)
                 first = min(p["_received"] for p in got) - t0
                 last = max(p["_received"] for p in got) - t0
