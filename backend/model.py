@@ -38,6 +38,7 @@ from backend.attributes.views import face_views, stack_views
 from backend.state import LockBusy, ProjectState
 from workers import connection
 from workers.cache import EmbeddingCache
+from workers.client import BATCH_SIZE
 from workers.images import ImageError, source_identity
 from workers.pipeline import PipelineOptions, fingerprint
 from workers.results import ImageResult
@@ -75,7 +76,7 @@ def no_model_version(config: LabelingConfig) -> str:
 
 class SubdiscModel:
     def __init__(self, redis: redis_lib.Redis, queue_name: str | None = None,
-                 options: PipelineOptions | None = None, prior=None, batch_size: int = 8,
+                 options: PipelineOptions | None = None, prior=None, batch_size: int = BATCH_SIZE,
                  pipeline_fingerprint: str | None = None):
         self.redis = redis
         self.queue_name = queue_name or connection.queue_name()

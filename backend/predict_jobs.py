@@ -33,7 +33,7 @@ from rq import get_current_job
 
 from backend.model import SubdiscModel
 from backend.state import ProjectState
-from workers.client import job_settings, queue_for
+from workers.client import BATCH_SIZE, job_settings, queue_for
 from workers.connection import job_redis
 from workers.images import FetchSettings, ImageError, source_identity
 from workers.jobs import embed_batch
@@ -69,7 +69,7 @@ def _new_run(redis: redis_lib.Redis, project_id: str, n_batches: int) -> str:
 
 def enqueue_predictions(redis: redis_lib.Redis, queue_name: str, project_id: str,
                         items: list[tuple[str, str]], options: PipelineOptions,
-                        fetch: FetchSettings, batch_size: int = 8,
+                        fetch: FetchSettings, batch_size: int = BATCH_SIZE,
                         pipeline_fingerprint: str | None = None, cached: set | None = None) -> list:
     """Queue one job per `batch_size` (task id, source) pairs; returns the jobs.
 

@@ -19,8 +19,8 @@
                            the refit lock's life (renewed while a refit runs) and how long a refit
                            waits for it; seconds between two reconciliations with Label Studio
                            (backend/state.py, backend/reconcile.py read them)
-    SUBDISC_BATCH_SIZE     photos per worker job on "Retrieve predictions" (default 8): smaller
-                           batches post their first predictions sooner, larger ones cost less overhead
+    SUBDISC_BATCH_SIZE     photos per worker job (default 32): smaller jobs post their first
+                           predictions sooner, larger ones cost less (workers.client.BATCH_SIZE)
     BASIC_AUTH_USER, BASIC_AUTH_PASS   if both set, every route asks for them
 """
 from __future__ import annotations
@@ -88,7 +88,9 @@ def fetch_settings(settings: dict | None) -> FetchSettings:
 
 
 def batch_size() -> int:
-    value = int(os.environ.get("SUBDISC_BATCH_SIZE", "8"))
+    from workers.client import BATCH_SIZE
+
+    value = int(os.environ.get("SUBDISC_BATCH_SIZE") or BATCH_SIZE)
     if value < 1:
         raise ValueError(f"SUBDISC_BATCH_SIZE must be at least 1, not {value}")
     return value

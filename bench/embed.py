@@ -2,17 +2,17 @@
 against face_recognition.face_encodings, per worker and per core, and the throughput knobs.
 
     python bench/embed.py [--faces ../shared/faces/dev] [--lfw 300] [--mtfl 100]
-                          [--knob-photos 160] [--batch-sizes 1,8,32] [--workers 1,2,3,4]
+                          [--knob-photos 160] [--batch-sizes 8,32,64] [--workers 1,2,3,4]
 
 1. The same photos (LFW then MTFL, seeded sample) through: one RQ worker of this pipeline (fresh
-   stack from backend/stack.py, as `subdisc up` runs it, fresh cache; batches of 8); the same with
+   stack from backend/stack.py, as `subdisc up` runs it, fresh cache; jobs of the default batch size, 32); the same with
    SUBDISC_DESCRIPTOR=dlib; and face_recognition.face_encodings(photo) in one process (`pip install
    --no-deps face_recognition`: a bench-only dependency). Per row: photos/s and faces/s of wall time,
    photos per CPU-second of the worker (work-horses included: what one core gives, whatever else the
    machine runs), and peak memory per worker (PSS of worker + work-horse; RSS for face_recognition).
    The LFW photos are also timed on their own (photos per CPU-second on one core).
 2. The knobs, on the first --knob-photos photos: batch size per job (with one worker per core) and
-   workers per core (batches of 8): photos/s of wall time for the whole stack.
+   workers per core (jobs of 32): photos/s of wall time for the whole stack.
 Figures are noisy on a shared machine: compare rows of one run, and prefer the CPU-second columns.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import redis  # noqa: E402
 
 from backend.stack import Stack, free_port, stop_on_sigterm  # noqa: E402
 from tests.support import DEV_FACES  # noqa: E402
-from workers.client import embed  # noqa: E402
+from workers.client import BATCH_SIZE, embed  # noqa: E402
 from workers.pipeline import PipelineOptions, describe_dlib  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,7 +80,7 @@ class MemoryWatch(threading.Thread):
 
 
 def run_stack(groups: dict[str, list[str]], n_workers: int, options: PipelineOptions,
-              batch_size: int = 8, env: dict | None = None) -> dict:
+              batch_size: int = BATCH_SIZE, env: dict | None = None) -> dict:
     """Each group of photos through a fresh stack of n_workers, one after the other."""
     workdir = tempfile.mkdtemp(prefix="subdisc-bench-")
     out = {}
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--lfw", type=int, default=300)
     parser.add_argument("--mtfl", type=int, default=100)
     parser.add_argument("--knob-photos", type=int, default=160)
-    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--batch-sizes", default="8,32,64")
     parser.add_argument("--workers", default="1,2,3,4", help="worker counts for the knob table")
     parser.add_argument("--face-recognition-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,7 +209,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     settings = [("batch size per job", cores, int(b)) for b in args.batch_sizes.split(",")]
-    settings += [("workers per core", int(w), 8) for w in args.workers.split(",") if int(w) != cores]
+    settings += [("workers per core", int(w), BATCH_SIZE) for w in args.workers.split(",") if int(w) != cores]
     for name, workers, batch in settings:
         r = run_stack(knob, workers, onnx, batch_size=batch)
         rate = r["knob"]["photos"] / r["knob"]["wall"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import redis as redis_lib
 
 from backend.cli import CommandError
+from workers.client import BATCH_SIZE
 from workers.connection import queue_name, redis_url
 from workers.images import image_files
 from workers.pipeline import parse_upsample
@@ -28,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, help="only the first N images")
     add_pipeline_arguments(p)
     add_connection_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8, help="images per RQ job (default 8)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"images per RQ job (default {BATCH_SIZE})")
     p.add_argument("--timeout", type=float, help="seconds to wait for the workers")
     p.add_argument("--retry-errors", action="store_true",
                    help="try again the photos whose earlier attempt is cached as an error")
