@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 100
 #: Default seconds between two reconciliations of a project (SUBDISC_RECONCILE_SECONDS).
 RECONCILE_SECONDS = 300.0
+#: Seconds before an incomplete reconciliation may be retried; doubling with each one in a row,
+#: never beyond the interval.
+RETRY_FIRST = 5.0
 
 
 class ReconcileError(Exception):
@@ -89,8 +92,13 @@ def reconcile(model, project) -> dict:
                     summary["unreadable"] += 1
                     log.warning("project %s: annotation %s unreadable: %s", st.id, annotation["id"], exc)
     except ReconcileError as exc:
-        log.warning("project %s: reconciliation stopped, nothing deleted: %s", st.id, exc)
-        return summary | {"status": f"incomplete: {exc}"}
+        # Give the claim back early: the next trigger retries within seconds, not a whole interval
+        # after Label Studio is back (a refit that failed here must not hold off the next webhook).
+        retry_in = st.reconcile_incomplete(RETRY_FIRST, interval())
+        log.warning("project %s: reconciliation stopped, nothing deleted (next try in %.0f s): %s",
+                    st.id, retry_in, exc)
+        return summary | {"status": f"incomplete: {exc}", "retry_in": retry_in}
+    st.reconcile_complete()
     for entry in st.annotations():
         if str(entry["annotation_id"]) not in live and entry.get("recorded", started) < started:
             summary["deleted"] += int(st.delete_annotation(entry["annotation_id"]))
@@ -109,7 +117,8 @@ def reconcile_if_due(model, project, force: bool = False) -> dict | None:
     try:
         return reconcile(model, st.id)
     except (LabelStudioError, ReconcileError) as exc:
-        return {"project": st.id, "status": f"failed: {exc}"}
+        return {"project": st.id, "status": f"failed: {exc}",
+                "retry_in": st.reconcile_incomplete(RETRY_FIRST, interval())}
 
 
 def reconcile_project(project_id: str, pipeline_fingerprint: str | None = None) -> dict:
