@@ -25,7 +25,7 @@ import os
 import time
 
 import redis as redis_lib
-from rq import Retry
+from rq import Retry, get_current_job
 
 from backend import runtime
 from backend.annotations import AnnotationError
@@ -127,6 +127,11 @@ def reconcile_project(project_id: str, pipeline_fingerprint: str | None = None) 
     from workers.connection import job_redis
 
     model = SubdiscModel.from_env(job_redis(), pipeline_fingerprint)
+    job = get_current_job()
+    if job is not None:
+        model.queue_name = job.origin    # the refit goes where this job came from
+    # An incomplete one returns (it does not raise): an RQ retry would come at once, while the
+    # shortened claim lets the next trigger retry with a backoff.
     summary = reconcile(model, project_id)
     if summary["recorded"] or summary["deleted"]:
         summary["refit"] = model.schedule_refit(ProjectState(model.redis, project_id))
