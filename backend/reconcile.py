@@ -146,8 +146,33 @@ def schedule_reconcile(redis: redis_lib.Redis, queue_name: str, project,
     st = ProjectState(redis, project)
     if not st.claim_reconcile(interval()) and not force:
         return None
+    # At the front: a few GETs that recover lost confirmations should not wait behind hundreds of
+    # photos; and one that waited past the interval would be queued again by the next trigger.
     job = queue_for(redis, queue_name).enqueue(
         reconcile_project, st.id, pipeline_fingerprint, job_timeout=1800, retry=Retry(max=2),
-        result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600, description=f"reconcile project {st.id}")
+        result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600, description=f"reconcile project {st.id}",
+        at_front=True)
     log.info("project %s: reconciliation with Label Studio queued (%s)", st.id, job.id)
     return job.id
+
+
+def schedule_due_reconciliations(redis: redis_lib.Redis, queue_name: str) -> list[str]:
+    """Queue reconcile_project for every known project that has a Label Studio to read and is due
+    (its claim lapsed: SUBDISC_RECONCILE_SECONDS since the last one, or the backoff after an
+    incomplete one); returns the job ids. The claim is taken in Redis, so of N workers looking at
+    once, one queues it. The workers call this between jobs and when idle (workers/worker.py)."""
+    jobs = []
+    for project in ProjectState.projects(redis):
+        settings = ProjectState(redis, project).settings() or {}
+        if not settings.get("label_config") or runtime.label_studio_target(settings)[0] is None:
+            continue     # nothing to read back from: no claim taken, no job queued
+        job_id = schedule_reconcile(redis, queue_name, project)
+        if job_id:
+            jobs.append(job_id)
+    return jobs
+
+
+def look_every() -> float:
+    """Seconds between two looks of a worker for due projects: a tenth of the interval, within
+    1-30 s. A look is a few Redis commands; an idle worker wakes for nothing more often than that."""
+    return min(30.0, max(1.0, interval() / 10))

@@ -1,15 +1,17 @@
-"""When reconciliations with Label Studio run: the claim, and its early release when Label Studio
-could not be read. Real Redis, the stand-in Label Studio over HTTP (stopped and restarted on its
-port); the end-to-end path with real workers is tests/faults/test_label_studio_down.py."""
+"""When reconciliations with Label Studio run: the claim, its early release when Label Studio
+could not be read, and the workers' periodic look for due projects. Real Redis, the stand-in Label
+Studio over HTTP (stopped and restarted on its port); the end-to-end paths with real workers are in
+tests/faults/test_label_studio_down.py and tests/faults/test_lost_webhooks.py."""
 from __future__ import annotations
 
 import time
 
 import pytest
+from rq import Queue
 
 from backend import reconcile as reconciliation
 from backend.model import SubdiscModel
-from backend.reconcile import reconcile, reconcile_if_due, schedule_reconcile
+from backend.reconcile import reconcile, reconcile_if_due, schedule_due_reconciliations, schedule_reconcile
 from backend.state import ProjectState
 from tests.backend.helpers import TWO_ATTRIBUTES, ls_annotation
 from tests.backend.standin import StandInLabelStudio
@@ -76,3 +78,28 @@ def test_the_backoff_never_exceeds_the_interval(redis_conn, ls, monkeypatch):
     assert delays == [5.0, 10.0, 12.0, 12.0]
     assert 0 < claim_ms(st) <= 12_000
     assert st.annotations() == []                             # and an incomplete one deletes nothing
+
+
+def test_due_projects_are_queued_once_and_only_with_a_label_studio(redis_conn, ls, monkeypatch):
+    project_on(redis_conn, ls, "1")
+    ProjectState(redis_conn, "2").save_settings(TWO_ATTRIBUTES)   # no host, no LABEL_STUDIO_URL
+    queue = Queue(QUEUE, connection=redis_conn)
+    queue.empty()
+    other = queue.enqueue("builtins.print", "photos already queued")
+    # Two workers look at once: one reconciliation is queued, at the front, for project 1 only.
+    (job_id,) = schedule_due_reconciliations(redis_conn, QUEUE)
+    assert schedule_due_reconciliations(redis_conn, QUEUE) == []
+    assert queue.job_ids == [job_id, other.id]
+    assert queue.fetch_job(job_id).args[0] == "1"
+    assert not redis_conn.exists(ProjectState(redis_conn, "2").key("reconcile_claim"))
+    # With LABEL_STUDIO_URL set, project 2 has a Label Studio to read too.
+    monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+    (second,) = schedule_due_reconciliations(redis_conn, QUEUE)
+    assert queue.fetch_job(second).args[0] == "2"
+    queue.empty()
+
+
+def test_workers_look_every_tenth_of_the_interval_within_bounds(monkeypatch):
+    for seconds, every in (("2", 1.0), ("120", 12.0), ("300", 30.0), ("3600", 30.0)):
+        monkeypatch.setenv("SUBDISC_RECONCILE_SECONDS", seconds)
+        assert reconciliation.look_every() == every
