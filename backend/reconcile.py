@@ -3,6 +3,7 @@
     reconcile(model, "12")        # -> {"tasks": 640, "annotations": 212, "recorded": 3, "deleted": 1, ...}
     reconcile_if_due(model, "12") # the same at most once per SUBDISC_RECONCILE_SECONDS (or when forced)
     schedule_reconcile(redis, queue_name, "12", force=True)   # as an RQ job (from the webhook route)
+    schedule_due_reconciliations(redis, queue_name)           # every due project (from the workers)
 
 Webhooks are the fast path, and they can be lost: Label Studio does not resend a webhook answered
 503 (Redis restarting) or not answered at all (backend down). So the backend pages through the
@@ -14,9 +15,19 @@ Label Studio ignores page_size=-1) and, idempotently with what webhooks stored:
     hear), but only after a complete listing, and only those recorded before it began (one created
     meanwhile cannot be on a page already read).
 
-When: at the start of each refit job when one is due (at most every SUBDISC_RECONCILE_SECONDS,
-default 300), as its own job queued by a webhook when due, and at once after the backend answered
-a webhook 503 (backend/server.py). A reconciliation that changed something queues a refit.
+When: a project is due once SUBDISC_RECONCILE_SECONDS (default 300) have passed since its last
+reconciliation; a claim in Redis (ProjectState.claim_reconcile) makes each turn run once, whichever
+process takes it. Then it runs
+  * at the start of a refit job;
+  * as its own job, queued by a webhook (at the front of the queue, as all reconciliations);
+  * as its own job queued by a worker, which looks for due projects between jobs and every tenth
+    of the interval when idle (1-30 s; workers/worker.py): so it comes even when no webhook and no
+    refit does (webhooks lost while the backend was down, then the labelers stopped). Only projects
+    with a Label Studio URL (LABEL_STUDIO_URL or /setup's hostname) are read;
+  * and at once, due or not, after the backend answered a webhook 503 (backend/server.py).
+A reconciliation that could not read Label Studio completely gives its claim back early: due again
+after 5 s, doubling with each such one in a row, never later than the interval. One that changed
+something queues a refit.
 """
 from __future__ import annotations
 

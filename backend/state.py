@@ -20,7 +20,8 @@ restarted server or worker carries on where it was:
                              holder killed (or a lock restored from the append-only file) frees it
                              within a minute
     refit_queued, refit_wanted   a refit is queued (its job id) / one was skipped while another ran
-    reconcile_claim   str    a reconciliation with Label Studio ran recently (backend/reconcile.py)
+    reconcile_claim   str    a reconciliation with Label Studio was queued or ran recently; its TTL
+                             is the interval, or the backoff after an incomplete one (backend/reconcile.py)
     reconcile_failures  int  incomplete reconciliations in a row (Label Studio down): the backoff
 """
 from __future__ import annotations
