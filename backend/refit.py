@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 
 import redis as redis_lib
-from rq import Retry
+from rq import Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -43,6 +43,9 @@ def refit_project(project_id: str, pipeline_fingerprint: str | None = None) -> d
     # From now on a new confirmation needs another refit: let the next webhook queue it.
     st.refit_started()
     model = SubdiscModel.from_env(redis, pipeline_fingerprint)
+    job = get_current_job()
+    if job is not None:
+        model.queue_name = job.origin    # a refit queued from here goes where this one came from
     reconciled = reconcile_if_due(model, st.id)
     try:
         summary = model.refit(project_id)

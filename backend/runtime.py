@@ -18,7 +18,8 @@
     SUBDISC_REFIT_LOCK_TTL, SUBDISC_REFIT_LOCK_WAIT, SUBDISC_RECONCILE_SECONDS
                            the refit lock's life (renewed while a refit runs) and how long a refit
                            waits for it; seconds between two reconciliations with Label Studio
-                           (backend/state.py, backend/reconcile.py read them)
+                           (backend/state.py, backend/reconcile.py read them). Give server and
+                           workers the same values: workers also queue the periodic reconciliation
     SUBDISC_BATCH_SIZE     photos per worker job (default 32): smaller jobs post their first
                            predictions sooner, larger ones cost less (workers.client.BATCH_SIZE)
     BASIC_AUTH_USER, BASIC_AUTH_PASS   if both set, every route asks for them

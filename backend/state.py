@@ -20,7 +20,9 @@ restarted server or worker carries on where it was:
                              holder killed (or a lock restored from the append-only file) frees it
                              within a minute
     refit_queued, refit_wanted   a refit is queued (its job id) / one was skipped while another ran
-    reconcile_claim   str    a reconciliation with Label Studio ran recently (backend/reconcile.py)
+    reconcile_claim   str    a reconciliation with Label Studio was queued or ran recently; its TTL
+                             is the interval, or the backoff after an incomplete one (backend/reconcile.py)
+    reconcile_failures  int  incomplete reconciliations in a row (Label Studio down): the backoff
 """
 from __future__ import annotations
 
@@ -337,3 +339,19 @@ class ProjectState:
         """True at most once per `interval` s: the caller then reconciles (backend/reconcile.py)."""
         return bool(self.redis.set(self.key("reconcile_claim"), repr(time.time()), nx=True,
                                    px=max(1, int(interval * 1000))))
+
+    def reconcile_incomplete(self, first: float, cap: float) -> float:
+        """Label Studio could not be read completely: the claim now lapses in `first` s, doubling
+        with each incomplete reconciliation in a row up to `cap`, so the next trigger retries soon
+        (not after a whole interval) without polling a Label Studio that is down. Returns the delay."""
+        with self.redis.pipeline() as pipe:
+            pipe.incr(self.key("reconcile_failures"))
+            pipe.expire(self.key("reconcile_failures"), 24 * 3600)
+            failures = pipe.execute()[0]
+        delay = min(cap, first * 2 ** min(failures - 1, 20))
+        self.redis.set(self.key("reconcile_claim"), repr(time.time()), px=max(1, int(delay * 1000)))
+        return delay
+
+    def reconcile_complete(self) -> None:
+        """Label Studio was read completely: the next failure backs off from the start again."""
+        self.redis.delete(self.key("reconcile_failures"))

@@ -44,8 +44,8 @@ class WorkerPool:
         self.stack = Stack(log_dir)
         self.logs: list[Path] = []
 
-    def start(self, n: int = 1) -> list[subprocess.Popen]:
-        children = self.stack.start_workers(n, self.redis_url, self.queue)
+    def start(self, n: int = 1, env: dict | None = None) -> list[subprocess.Popen]:
+        children = self.stack.start_workers(n, self.redis_url, self.queue, env=env)
         self.logs += [c.log for c in children]
         return [c.proc for c in children]
 

@@ -10,11 +10,16 @@ a Redis error anywhere else in its loop (the heartbeat after a job, the work-hor
 suspension check, maintenance) ends `work()` and the process: after a Redis restart every worker was
 gone. ResilientWorker keeps monitoring its work-horse through an outage, and when rq's loop ends for
 a lost connection it waits for Redis with a capped backoff and starts the loop again.
+
+It also keeps every project reconciled with Label Studio when no webhook or refit comes: between
+jobs and on an idle timer it queues `reconcile_project` for the projects that are due (see
+ResilientWorker.dequeue_job_and_maintain_ttl).
 """
 from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -51,6 +56,7 @@ class ResilientWorker(Worker):
         self.reconnections = 0
         self._redis_lost = False
         self._interrupted = None
+        self._next_reconcile_look = 0.0
 
     # --- where rq's loop lets a Redis error end the worker -------------------------------------
     def maintain_heartbeats(self, job, execution):
@@ -84,6 +90,51 @@ class ResilientWorker(Worker):
         except REDIS_DOWN:
             self._redis_lost = True
             raise
+
+    # --- periodic reconciliation with Label Studio -----------------------------------------------
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """rq's wait for a job, cut into looks for projects due a reconciliation.
+
+        Why here rather than rq's scheduler with a job that queues itself again: that chain lives in
+        Redis and breaks for good when one link is lost (a Redis restart without its files, a job
+        killed between running and re-queueing, workers started without --with-scheduler), and
+        needs a bootstrap of its own. Here there is no state but the per-project claim (a key with
+        a TTL, taken with SET NX: of N workers one queues the job), every live worker keeps looking,
+        and a look is a few Redis commands every look_every() s (30 s by default): an idle worker
+        still blocks in Redis in between. rq's own max_idle_time is the timer: each wait ends after
+        one look period, and the caller's max_idle_time, if any, is still kept.
+        """
+        if timeout is None:                     # burst mode: one look, no waiting
+            self._queue_due_reconciliations()
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        idle_since = time.monotonic()
+        while True:
+            self._queue_due_reconciliations()
+            wait = self._next_reconcile_look - time.monotonic()
+            if max_idle_time is not None:
+                left = max_idle_time - (time.monotonic() - idle_since)
+                if left <= 0:
+                    return None
+                wait = min(wait, left)
+            result = super().dequeue_job_and_maintain_ttl(timeout, max(1, math.ceil(wait)))
+            if result is not None:
+                return result
+
+    def _queue_due_reconciliations(self) -> None:
+        """Queue reconcile_project for the due projects, at most once per look_every() s."""
+        from backend.reconcile import look_every, schedule_due_reconciliations
+
+        now = time.monotonic()
+        if now < self._next_reconcile_look:
+            return
+        self._next_reconcile_look = now + look_every()
+        try:
+            # The first queue is the one this worker serves first: the job runs on subdisc's queue.
+            schedule_due_reconciliations(self.connection, self.queues[0].name)
+        except REDIS_DOWN:
+            pass    # rq's wait that follows rides out the outage; the next look tries again
+        except Exception:  # noqa: BLE001 - a look that fails must not stop this worker's jobs
+            self.log.exception("Worker %s: could not look for projects due a reconciliation", self.name)
 
     # --- the loop around rq's loop ---------------------------------------------------------------
     def work(self, burst: bool = False, *args, **kwargs) -> bool:
