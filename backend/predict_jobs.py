@@ -17,9 +17,10 @@ nothing to link; a retry (Redis trouble, an unreachable Label Studio) redoes not
 cached or posted.
 
 Placeholders: what /predict answered for uncached tasks ("+pending", empty) is stored by Label Studio
-at its own pace, possibly after the real prediction. Each batch deletes the placeholders it finds next
-to a real prediction; when the last batch of a run is posted, `settle_placeholders` keeps doing so
-until Label Studio has stopped storing predictions for the project. Then a refit is queued so the
+at its own pace, possibly after the real prediction. While /predict has handed out placeholders lately
+(ProjectState.placeholders_out), each batch deletes those it finds next to a real prediction, and
+when the last batch of a run is posted, `settle_placeholders` keeps doing so until Label Studio has
+stopped storing predictions for the project (`queue_tasks` hands out none: no such look). Then a refit is queued so the
 model covers all new faces.
 """
 from __future__ import annotations
@@ -182,15 +183,20 @@ def _post(redis, project_id, task_ids, run, pipeline_fingerprint) -> dict:
         # Raise so RQ retries; tasks already posted with this version are skipped next time.
         raise RuntimeError(f"{summary['retry']} predictions not posted yet: {summary['failures'][0]}")
     st = ProjectState(redis, project_id)
-    summary["placeholders_removed"] = _repair(st)
+    # Only while placeholders may be stored: each look is a filtered listing of the whole
+    # project, which Label Studio (SQLite) answers in ~1 s at 7,000 tasks; `subdisc up` hands
+    # out none, and looking after each of its batches made its imports wait on Label Studio.
+    placeholders = st.placeholders_out()
+    summary["placeholders_removed"] = _repair(st) if placeholders else 0
     if run is not None:
         if redis.decr(_run_key(redis, project_id, run)) == 0:
             redis.delete(_run_key(redis, project_id, run))
             summary["refit"] = model.schedule_refit(st)
-            queue_for(redis, model.queue_name).enqueue(
-                settle_placeholders, st.id, job_timeout=int(SETTLE_LIMIT + 300),
-                result_ttl=3600, failure_ttl=7 * 24 * 3600,
-                description=f"settle placeholders (project {st.id})")
+            if placeholders:
+                queue_for(redis, model.queue_name).enqueue(
+                    settle_placeholders, st.id, job_timeout=int(SETTLE_LIMIT + 300),
+                    result_ttl=3600, failure_ttl=7 * 24 * 3600,
+                    description=f"settle placeholders (project {st.id})")
     return summary
 
 

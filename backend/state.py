@@ -16,6 +16,8 @@ restarted server or worker carries on where it was:
     history           list   one JSON entry per refit that changed something
     errors            hash   task id -> why its photo gave no prediction
     pending, posted   hash   tasks queued for the async path / model version last POSTed per task
+    placeholders_given  str  /predict answered with "+pending" placeholders lately (they may still
+                             be stored by Label Studio, after the real prediction: backend/predict_jobs.py)
     lock:refit        str    held by the running refit: a 60 s TTL renewed while it runs, so a
                              holder killed (or a lock restored from the append-only file) frees it
                              within a minute
@@ -290,6 +292,18 @@ class ProjectState:
         if fresh:
             self.redis.hset(self.key("pending"), mapping={t: repr(now + ttl) for t in fresh})
         return fresh
+
+    def placeholders_given(self, ttl: float) -> None:
+        """/predict just answered with placeholders: look for stale ones for the next `ttl` s."""
+        self.redis.set(self.key("placeholders_given"), repr(time.time()), px=max(1, int(ttl * 1000)))
+
+    def placeholders_out(self) -> bool:
+        """Whether Label Studio may yet store a placeholder of ours (see placeholders_given)."""
+        return bool(self.redis.exists(self.key("placeholders_given")))
+
+    def count_posted(self) -> int:
+        """Tasks of the project posted to Label Studio (it acknowledged them) with any version."""
+        return int(self.redis.hlen(self.key("posted")))
 
     def release_pending(self, task_ids) -> None:
         ids = [str(t) for t in task_ids]

@@ -216,6 +216,40 @@ def test_a_bad_item_costs_that_item_only_and_a_lost_answer_is_not_resent(redis_c
         assert sorted(p["task"] for p in ls.predictions) == [11, 12]      # once each
 
 
+def test_queued_tasks_cost_label_studio_only_their_imports(redis_url, redis_conn, rq_workers,
+                                                            tmp_path):
+    """`subdisc up`'s path (queue_tasks) hands out no placeholders, so the workers never list the
+    project looking for stale ones (a filtered listing of every task: ~1 s of Label Studio's CPU
+    at 7,000 tasks, once per batch); after a /predict that did hand some out, they look again."""
+    from backend.model import SubdiscModel
+    from backend.predict_jobs import queue_tasks
+
+    config = default_config_xml()
+    tasks = [ls_task(900 + i, p) for i, p in enumerate(noise_photos(tmp_path, 8, seed=9))]
+    rq_workers.start(1)
+    with serve(redis_url, SUBDISC_BATCH_SIZE="2") as server, StandInLabelStudio(token="tok-q") as ls:
+        ls.add_tasks(tasks)
+        assert server.setup(config, hostname=ls.url, token="tok-q").status_code == 200
+        model = SubdiscModel(redis_conn, queue_name="subdisc-test", batch_size=2)
+        counts = queue_tasks(model, PROJECT, {t["id"]: t["data"]["image"] for t in tasks[:6]})
+        assert counts["queued"] == 6 and counts["jobs"] == 3
+        ls.wait_for(6, timeout=120)
+        time.sleep(2)                                    # the last job's follow-ups, if any
+        # (A reconciliation's plain listing may come with the run's refit: it filters nothing.)
+        looks = [r for r in ls.requests if r[0] == "GET" and r[1].startswith("/api/tasks?")
+                 and "query=" in r[1]]
+        assert looks == [] and len(bulk_requests(ls)) == 3
+        assert not ProjectState(redis_conn, PROJECT).placeholders_out()
+
+        answer = server.predict(tasks[6:], config).json()["results"]   # "Retrieve predictions"
+        assert all(p["model_version"].endswith(PENDING_SUFFIX) for p in answer)
+        assert ProjectState(redis_conn, PROJECT).placeholders_out()
+        ls.wait_for(8, timeout=120)
+        time.sleep(2)
+        assert [r for r in ls.requests if r[0] == "GET" and r[1].startswith("/api/tasks?")
+                and "query=" in r[1]]
+
+
 # --- the placeholder race (issue 11, item 8) ---------------------------------------------------
 
 def test_no_placeholder_stays_newer_than_the_real_prediction(redis_url, redis_conn, rq_workers,
