@@ -97,9 +97,11 @@ class LabelStudio:
 
     # --- tasks -------------------------------------------------------------------------------
     def list_tasks(self, project, page_size: int = 1000, filters: list[dict] | None = None,
-                   include: str | None = "id,data", fields: str = "task_only") -> list[dict]:
-        """Every task of the project (id and data by default; include=None, fields="all": whole
-        tasks with their annotations), page by page until `total`.
+                   include: str | None = "id,data", fields: str = "task_only",
+                   conjunction: str = "and") -> list[dict]:
+        """Every task of the project matching the Data Manager `filters` (all of them, or any with
+        conjunction="or"), id and data by default (include=None, fields="all": whole tasks with
+        their annotations), page by page until `total`.
 
         Label Studio ignores page_size=-1 and answers 100 a page by default: page and page_size
         are always passed, and paging stops at the total it reports (or a short/missing page).
@@ -110,7 +112,7 @@ class LabelStudio:
         if include:
             params["include"] = include
         if filters:
-            params["query"] = json.dumps({"filters": {"conjunction": "and", "items": filters}})
+            params["query"] = json.dumps({"filters": {"conjunction": conjunction, "items": filters}})
         while True:
             try:
                 resp = self._call("GET", "/api/tasks", "(list tasks)", timeout=300,

@@ -7,8 +7,9 @@
 
 Webhooks are the fast path, and they can be lost: Label Studio does not resend a webhook answered
 503 (Redis restarting) or not answered at all (backend down). So the backend pages through the
-project's tasks with their annotations (GET /api/tasks?project=ID&fields=all&page=N&page_size=100:
-Label Studio ignores page_size=-1) and, idempotently with what webhooks stored:
+project's annotated tasks with their annotations (GET /api/tasks?project=ID&fields=all&page=N&
+page_size=100, filtered on total_annotations or cancelled_annotations > 0: Label Studio ignores
+page_size=-1) and, idempotently with what webhooks stored:
   * records every annotation we do not hold, or hold older (state.record_annotation compares
     updated_at: a replay changes nothing, a missed update wins);
   * forgets every annotation we hold that Label Studio no longer has (deleted while we did not
@@ -63,10 +64,20 @@ def interval() -> float:
 
 def list_tasks(url: str, token: str | None, project: str, redis=None,
                page_size: int = PAGE_SIZE) -> list[dict]:
-    """Every task of a project with its annotations; ReconcileError if the listing is incomplete."""
+    """Every task of a project that holds an annotation (skipped ones included), with its
+    annotations; ReconcileError if the listing is incomplete.
+
+    A task not listed holds none, so what we hold of it was deleted: nothing is missed. Listing
+    only these matters: whole tasks come with their predictions, and all 72 pages of a
+    7,000-photo project cost Label Studio about a minute of CPU at each reconciliation, while its
+    annotated tasks are the few a team has labelled so far.
+    """
+    annotated = [{"filter": f"filter:tasks:{column}", "operator": "greater", "type": "Number",
+                  "value": 0} for column in ("total_annotations", "cancelled_annotations")]
     try:
-        return LabelStudio(url, token, redis=redis).list_tasks(project, page_size=page_size,
-                                                               include=None, fields="all")
+        return LabelStudio(url, token, redis=redis).list_tasks(
+            project, page_size=page_size, filters=annotated, conjunction="or", include=None,
+            fields="all")
     except LabelStudioError as exc:
         raise ReconcileError(str(exc)) from None
 

@@ -13,8 +13,8 @@ Routes, shaped like Label Studio 1.23's:
   GET  /api/tasks?project=&page=&page_size=&query=   the tasks in `ls.tasks` ({id: task}, set with
                                                  `ls.add_tasks`), with their annotations, 100 a page
                                                  by default ({"tasks", "total"}, 404 past the end);
-                                                 filters on prediction versions and counts, as the
-                                                 Data Manager has them
+                                                 Data Manager filters (and / or) on prediction
+                                                 versions and counts, and on annotation counts
   GET  /api/projects/<id>                        total_predictions_number
   POST /api/token/refresh/                       {"refresh": PAT} -> {"access": JWT} (`pat=`)
   GET  /data/upload/<project>/<file>             files from `uploads`
@@ -221,7 +221,8 @@ class StandInLabelStudio:
                 self.tasks[int(t["id"])] = {"annotations": [], **t}
 
     def list_tasks(self, query: dict) -> tuple[int, dict]:
-        filters = json.loads(query.get("query") or "{}").get("filters", {}).get("items", [])
+        spec = json.loads(query.get("query") or "{}").get("filters", {})
+        filters, join = spec.get("items", []), any if spec.get("conjunction") == "or" else all
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
         size = 100 if size < 1 else size                     # page_size=-1 is ignored
         with self._lock:
@@ -231,7 +232,7 @@ class StandInLabelStudio:
                 if "project" in query and str(task.get("project", query["project"])) != query["project"]:
                     continue
                 preds = [p for p in self.predictions if p["task"] == tid and p["id"] not in self.deleted]
-                if all(_matches(f, preds) for f in filters):
+                if not filters or join(_matches(f, preds, task) for f in filters):
                     rows.append(json.loads(json.dumps(dict(task, total_predictions=len(preds)))))
         if page > 1 and (page - 1) * size >= len(rows):
             return 404, {"detail": "Invalid page."}
@@ -305,9 +306,15 @@ class StandInLabelStudio:
             time.sleep(0.1)
 
 
-def _matches(f: dict, preds: list[dict]) -> bool:
-    """One Data Manager filter item on a task's predictions (the two the backend uses)."""
+def _matches(f: dict, preds: list[dict], task: dict) -> bool:
+    """One Data Manager filter item on a task and its predictions (the ones the backend uses)."""
     column, op, value = f.get("filter", ""), f.get("operator"), f.get("value")
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    counts = {":total_annotations": sum(not a.get("was_cancelled") for a in annotations),
+              ":cancelled_annotations": sum(bool(a.get("was_cancelled")) for a in annotations)}
+    for suffix, n in counts.items():
+        if column.endswith(suffix):
+            return n > value if op == "greater" else n == value
     if column.endswith(":predictions_model_versions"):
         # As Label Studio 1.23 does: each item of the value (of a string: each character).
         versions = [p.get("model_version") or "" for p in preds]
