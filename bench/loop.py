@@ -184,6 +184,9 @@ def run_order(model, r, stack, order: str, project: int, tasks_all: list[dict], 
         return {str(t["id"]): p for t, p in zip(tasks, res)}
 
     predictions = retrieve()
+    if not any(labelled_region(p)[0] for p in predictions.values()):
+        raise RuntimeError("no task was given a face box: the backend refused or could not read the "
+                           f"photos (first answer: {json.dumps(next(iter(predictions.values())))[:300]})")
     labelled: list[str] = []
     permutation = [str(t["id"]) for t in np.random.default_rng(seed).permutation(tasks)]
     by_id = {str(t["id"]): t for t in tasks}
@@ -292,10 +295,13 @@ def main() -> int:
         return 2
     stop_on_sigterm()
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "BASIC_AUTH_USER",
-                 "BASIC_AUTH_PASS"):
+                 "BASIC_AUTH_PASS", "SUBDISC_EXTRA_ROOTS"):
         os.environ.pop(name, None)
     options = PipelineOptions(fallback=not args.no_fallback)
-    env = {"SUBDISC_QUEUE": QUEUE, "SUBDISC_FALLBACK": "0" if args.no_fallback else "1"}
+    # The photos' folder is the backend's local-files root, as a user's Label Studio storage would
+    # be: the backend reads no local path outside the roots it is given.
+    env = {"SUBDISC_QUEUE": QUEUE, "SUBDISC_FALLBACK": "0" if args.no_fallback else "1",
+           "SUBDISC_LOCAL_FILES_ROOT": str(args.faces.resolve())}
     os.environ.update(env)
     rows = collection(args.faces, seed=args.seed)
     xml = default_config_xml()
