@@ -219,7 +219,9 @@ def run_order(model, r, stack, order: str, project: int, tasks_all: list[dict], 
         predictions = retrieve()
         figures = evaluate(predictions, rows, set(labelled), config)
         meta = (ProjectState(r, str(project)).load_model() or (None, {}))[1]
-        status = {a: (i.get("status"), i.get("chosen")) for a, i in meta.get("info", {}).items()}
+        status = {a: (i.get("status"), (i.get("selection") or {}).get("chosen"))
+                  for a, i in meta.get("info", {}).items()}
+        gates = {a: i.get("gate") or {} for a, i in meta.get("info", {}).items()}
         lines.append({"order": order, "labelled": len(labelled), "figures": figures,
                       "confirmations": {k: dict((v, c) for (a, v), c in counts.items() if a == k)
                                         for k in ATTRIBUTES},
@@ -227,6 +229,16 @@ def run_order(model, r, stack, order: str, project: int, tasks_all: list[dict], 
         print(f"  {order} {len(labelled):4d} labelled: "
               + "  ".join(f"{a} {_pct(f['shown'])}/{_pct(f['cover'])}" for a, f in figures.items())
               + f"  (refit wait {refit_s:.1f}s)", flush=True)
+        # What the table follows from: the confirmations this order collected so far, and what
+        # each attribute's gate made of them (held-out accuracy vs the confirmations' majority).
+        for a in ATTRIBUTES:
+            got = ", ".join(f"{v} {c}" for v, c in sorted(lines[-1]["confirmations"][a].items()))
+            st, chosen = status.get(a, (None, None))
+            g = gates.get(a) or {}
+            gate = (f"; {chosen}, held out {_pct(g.get('accuracy'))} vs majority "
+                    f"{_pct(g.get('majority'))}, shown {_pct(g.get('coverage'))} of them"
+                    if g else "")
+            print(f"      {a:9s} {st or '-':10s} confirmed: {got or 'none'}{gate}", flush=True)
     return lines
 
 

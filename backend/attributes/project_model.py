@@ -24,7 +24,8 @@ Per attribute, the states (info[attribute]["status"]):
 Scores. A shown choice's score is its calibrated probability. A face's rank, the task's prediction
 score the Data Manager sorts on, is its place in the teaching order (backend.attributes.ordering):
 round-robin over a fine label-free clustering of the faces (the least-labelled clusters first),
-the most uncertain face of a cluster first. Faces the refit did not see (new photos) get half their
+within a cluster a systematic sample from its most typical face outwards, faces of values with few
+confirmations first. Faces the refit did not see (new photos) get half their
 centrality in that clustering: below the planned ones, most typical first.
 """
 from __future__ import annotations
