@@ -184,6 +184,9 @@ def run_order(model, r, stack, order: str, project: int, tasks_all: list[dict], 
         return {str(t["id"]): p for t, p in zip(tasks, res)}
 
     predictions = retrieve()
+    if not any(labelled_region(p)[0] for p in predictions.values()):
+        raise RuntimeError("no task was given a face box: the backend refused or could not read the "
+                           f"photos (first answer: {json.dumps(next(iter(predictions.values())))[:300]})")
     labelled: list[str] = []
     permutation = [str(t["id"]) for t in np.random.default_rng(seed).permutation(tasks)]
     by_id = {str(t["id"]): t for t in tasks}
@@ -216,7 +219,9 @@ def run_order(model, r, stack, order: str, project: int, tasks_all: list[dict], 
         predictions = retrieve()
         figures = evaluate(predictions, rows, set(labelled), config)
         meta = (ProjectState(r, str(project)).load_model() or (None, {}))[1]
-        status = {a: (i.get("status"), i.get("chosen")) for a, i in meta.get("info", {}).items()}
+        status = {a: (i.get("status"), (i.get("selection") or {}).get("chosen"))
+                  for a, i in meta.get("info", {}).items()}
+        gates = {a: i.get("gate") or {} for a, i in meta.get("info", {}).items()}
         lines.append({"order": order, "labelled": len(labelled), "figures": figures,
                       "confirmations": {k: dict((v, c) for (a, v), c in counts.items() if a == k)
                                         for k in ATTRIBUTES},
@@ -224,6 +229,16 @@ def run_order(model, r, stack, order: str, project: int, tasks_all: list[dict], 
         print(f"  {order} {len(labelled):4d} labelled: "
               + "  ".join(f"{a} {_pct(f['shown'])}/{_pct(f['cover'])}" for a, f in figures.items())
               + f"  (refit wait {refit_s:.1f}s)", flush=True)
+        # What the table follows from: the confirmations this order collected so far, and what
+        # each attribute's gate made of them (held-out accuracy vs the confirmations' majority).
+        for a in ATTRIBUTES:
+            got = ", ".join(f"{v} {c}" for v, c in sorted(lines[-1]["confirmations"][a].items()))
+            st, chosen = status.get(a, (None, None))
+            g = gates.get(a) or {}
+            gate = (f"; {chosen}, held out {_pct(g.get('accuracy'))} vs majority "
+                    f"{_pct(g.get('majority'))}, shown {_pct(g.get('coverage'))} of them"
+                    if g else "")
+            print(f"      {a:9s} {st or '-':10s} confirmed: {got or 'none'}{gate}", flush=True)
     return lines
 
 
@@ -292,10 +307,13 @@ def main() -> int:
         return 2
     stop_on_sigterm()
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "SUBDISC_PRIOR", "BASIC_AUTH_USER",
-                 "BASIC_AUTH_PASS"):
+                 "BASIC_AUTH_PASS", "SUBDISC_EXTRA_ROOTS"):
         os.environ.pop(name, None)
     options = PipelineOptions(fallback=not args.no_fallback)
-    env = {"SUBDISC_QUEUE": QUEUE, "SUBDISC_FALLBACK": "0" if args.no_fallback else "1"}
+    # The photos' folder is the backend's local-files root, as a user's Label Studio storage would
+    # be: the backend reads no local path outside the roots it is given.
+    env = {"SUBDISC_QUEUE": QUEUE, "SUBDISC_FALLBACK": "0" if args.no_fallback else "1",
+           "SUBDISC_LOCAL_FILES_ROOT": str(args.faces.resolve())}
     os.environ.update(env)
     rows = collection(args.faces, seed=args.seed)
     xml = default_config_xml()

@@ -1,17 +1,34 @@
 """When to show a value: the attribute's gate, and the per-face threshold, from held-out predictions.
 
-    gate = Gate.fit(choice.y, choice.pred, choice.conf)     # the nested CV's held-out predictions
-    gate.open, gate.threshold, gate.calibrated(conf)        # show a face's value iff open and
-                                                            # calibrated(conf) >= gate.threshold
+    prevalence = population_prevalence(values, confirmed, predicted, strata, labelled)
+    gate = Gate.fit(choice.y, choice.pred, choice.conf,      # the nested CV's held-out predictions
+                    prevalence=prevalence)                   # the values' shares among the faces
+    gate.open, gate.threshold, gate.calibrated(conf)         # show a face's value iff open and
+                                                             # calibrated(conf) >= gate.threshold
 
 An attribute is pre-annotated only while its chosen model beats always guessing the commonest value
-*with confidence*: among the held-out faces it would show (raw confidence >= t), the one-sided
-lower Wilson bound (95 %) of the share right must exceed the majority rate of the confirmations.
+*of the project's faces* with confidence: among the held-out faces it would show (raw confidence
+>= t), the one-sided lower Wilson bound (95 %) of the share right must exceed the majority rate,
+the larger of the confirmations' and the faces' estimated one (population_prevalence). A teaching
+order that balances the values makes the confirmations a balanced sample: glasses 5 no / 3 yes
+confirmed (62.5 %) of faces that were 71 % "no", and a model with 6 of 8 held-out faces right was
+shown at 57.5 % right. So each held-out face is weighted by its value's estimated share among the
+faces over its share among the confirmations (importance weights: the accuracy estimates the
+faces', not the balanced sample's), the bound is taken on Kish's effective number of faces, and
+MIN_SHOWN counts effective faces. With confirmations drawn as a random sample the weights are
+about 1 and the gate is as before.
+
+The faces' shares (population_prevalence): confirmed faces by their values; the others by their
+diversity cluster's confirmed shares (post-stratification over the clusters the teaching order
+walks), or the chosen model's prediction in a cluster without confirmations; a cluster counts as
+much as its labelled faces carry the attribute (age only on some photos).
+
 Of the thresholds t that pass, the one kept maximises right minus WRONG_COST x wrong shown values
-over the held-out faces (a wrong value a labeler accepts costs more than a right one saves), so a
-value is shown only where the model is about WRONG_COST / (1 + WRONG_COST) sure or better. The
-calibrated probability (isotonic regression of held-out correctness on confidence) is the score
-Label Studio shows beside the value; the threshold is kept on that scale.
+over the (weighted) held-out faces (a wrong value a labeler accepts costs more than a right one
+saves), so a value is shown only where the model is about WRONG_COST / (1 + WRONG_COST) sure or
+better. The calibrated probability (isotonic regression of held-out correctness on confidence,
+weighted alike) is the score Label Studio shows beside the value; the threshold is kept on that
+scale.
 """
 from __future__ import annotations
 
@@ -27,8 +44,9 @@ WRONG_COST = 3.0
 MIN_SHOWN = 6
 
 
-def wilson_lower(right: int, n: int, z: float = Z) -> float:
-    """One-sided lower Wilson score bound of a binomial proportion (0 when n = 0)."""
+def wilson_lower(right: float, n: float, z: float = Z) -> float:
+    """One-sided lower Wilson score bound of a binomial proportion (0 when n = 0); right and n may
+    be effective (weighted) counts."""
     if n <= 0:
         return 0.0
     p = right / n
@@ -61,7 +79,10 @@ class Gate:
         return self.open & (self.calibrated(conf) >= self.threshold - 1e-12)
 
     @classmethod
-    def fit(cls, y, pred, conf, wrong_cost: float = WRONG_COST) -> "Gate":
+    def fit(cls, y, pred, conf, wrong_cost: float = WRONG_COST, prevalence=None) -> "Gate":
+        """y, pred, conf: (m,) the held-out confirmations, predictions and raw confidences.
+        prevalence: {value: estimated share among the project's faces} (population_prevalence), or
+        None to judge by the confirmations alone (as if they were a random sample of the faces)."""
         from sklearn.isotonic import IsotonicRegression
 
         y, pred = np.asarray(y, dtype=object), np.asarray(pred, dtype=object)
@@ -70,26 +91,47 @@ class Gate:
         if n == 0:
             return cls()
         right = (y == pred).astype(float)
-        _, counts = np.unique(y.astype(str), return_counts=True)
+        values, inverse, counts = np.unique(y.astype(str), return_inverse=True, return_counts=True)
         majority = float(counts.max() / n)
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(conf, right)
-        cal = iso.predict(conf)
+        weight = np.ones(n)
+        if prevalence:
+            # A teaching order balances the values among the confirmations: their majority rate
+            # under-states the project's (glasses 5 no / 3 yes confirmed, 71 % "no" among the faces)
+            # and their accuracy is a balanced sample's. Judge against the larger of the two
+            # majorities, and weight each held-out face by its value's share among the faces over
+            # its share among the confirmations, so the accuracy estimates the faces' accuracy.
+            share = np.array([float(prevalence.get(v, 0.0)) for v in values])
+            if share.sum() > 0:
+                share = share / share.sum()
+                majority = max(majority, float(share.max()))
+                weight = (share / (counts / n))[inverse]
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
+            conf, right, sample_weight=weight)
+        # Rounded: weighted means of equal values differ in the last bits, which would split one
+        # calibrated level (1.0 and 0.9999999999999999) into two thresholds.
+        cal = np.round(iso.predict(conf), 12)
         knots = np.unique(conf)
-        gate = cls(majority=majority, accuracy=float(right.mean()), n=n,
-                   curve_x=[float(x) for x in knots], curve_y=[float(v) for v in iso.predict(knots)])
+        gate = cls(majority=majority, accuracy=float(np.average(right, weights=weight)), n=n,
+                   curve_x=[float(x) for x in knots],
+                   curve_y=[float(v) for v in np.round(iso.predict(knots), 12)])
         best = None
         # Thresholds on the calibrated scale: show faces whose calibrated probability >= t.
         for t in np.unique(cal):
             shown = cal >= t - 1e-12
-            k, m = int(right[shown].sum()), int(shown.sum())
-            if m < MIN_SHOWN:
+            w = weight[shown]
+            # Weighted share right over Kish's effective number of faces: unequal weights carry
+            # less evidence than as many equal ones (equal weights: k right of m, as before), and
+            # MIN_SHOWN counts effective faces.
+            p, m_eff = float(np.average(right[shown], weights=w)), float(w.sum() ** 2 / (w * w).sum())
+            if m_eff < MIN_SHOWN - 1e-9:
                 continue
-            lb = wilson_lower(k, m)
+            lb = wilson_lower(p * m_eff, m_eff)
             if lb <= majority:
                 continue
+            k, m = float((w * right[shown]).sum()), float(w.sum())     # in faces' units
             utility = k - wrong_cost * (m - k)
             if best is None or utility > best[0]:
-                best = (utility, float(t), k / m, m / n, lb)
+                best = (utility, float(t), p, m / weight.sum(), lb)
         if best is not None and best[0] > 0:
             _, gate.threshold, gate.shown_accuracy, gate.coverage, gate.lower_bound = best
             gate.open = True
@@ -104,3 +146,51 @@ class Gate:
     @classmethod
     def from_dict(cls, d: dict | None) -> "Gate":
         return cls(**d) if d else cls()
+
+
+def population_prevalence(values, confirmed, predicted, strata=None, labelled=None) -> dict:
+    """{value: estimated share among the project's faces that carry the attribute}.
+
+    values: the gate's values; confirmed: (n,) each face's confirmed value or None; predicted: (n,)
+    the chosen model's value for every face; strata: (n,) a label-free clustering of the faces;
+    labelled: (n,) bool, faces of tasks someone labelled (any attribute).
+
+    A confirmed face counts with its value. An unconfirmed one counts by its cluster's confirmed
+    shares (post-stratification: the teaching order spreads the confirmations over these clusters,
+    so each cluster's share of the faces, not of the confirmations, decides), or by the model's
+    predicted value in a cluster without confirmations. With strata each unconfirmed face counts as
+    much as its cluster's labelled faces carry this attribute (one only some photos have, e.g. age
+    in one source, is judged on faces like those); a labelled face without it not at all.
+    """
+    values = [str(v) for v in values]
+    confirmed = np.asarray(confirmed, dtype=object)
+    ok = np.array([c is not None and str(c) in values for c in confirmed])
+    predicted = np.asarray(predicted, dtype=object).astype(str)
+    weight = np.ones(len(confirmed))
+    if strata is not None and labelled is not None:
+        strata, labelled = np.asarray(strata), np.asarray(labelled, bool) | ok
+        weight = np.zeros(len(confirmed))
+        for c in np.unique(strata):
+            mine = strata == c
+            if (mine & labelled).any():
+                weight[mine & ~labelled] = (mine & ok).sum() / (mine & labelled).sum()
+            else:
+                weight[mine] = ok.sum() / max(1, labelled.sum())
+    weight[ok] = 0.0
+    confirmed_counts = np.array([np.sum(confirmed[ok].astype(str) == v) for v in values], float)
+    # The unconfirmed faces of a cluster with confirmations count by their shares (post-
+    # stratification: a design-based estimate, no model bias); of a cluster without, by the
+    # model's predictions.
+    onehot = (predicted[:, None] == np.array(values, dtype=object)[None, :]).astype(float)
+    if strata is not None:
+        for c in np.unique(strata):
+            mine = strata == c
+            if (mine & ok).any():
+                share = np.array([np.sum(confirmed[mine & ok].astype(str) == v) for v in values], float)
+                onehot[mine] = share / share.sum()
+    rest = weight.sum()
+    p_rest = (weight[:, None] * onehot).sum(0) / rest if rest > 0 else np.zeros(len(values))
+    total = confirmed_counts + rest * p_rest
+    if total.sum() <= 0:
+        return {}
+    return {v: float(t / total.sum()) for v, t in zip(values, total)}

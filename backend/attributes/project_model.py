@@ -12,7 +12,8 @@ Per attribute, the states (info[attribute]["status"]):
     (backend.attributes.candidates: named clusters, nearest class mean, logistic regression, label
     spreading, each on every view, and the saved prior) the one with the best cross-validated
     accuracy is chosen (backend.attributes.selection.choose), and its nested held-out predictions
-    open the gate (backend.attributes.abstention): it beats the majority baseline with confidence.
+    open the gate (backend.attributes.abstention): it beats the majority baseline of the project's
+    faces (estimated from every face, not the balanced confirmations alone) with confidence.
     A face's value is shown only when its calibrated probability clears the gate's threshold; other
     faces keep their box and an empty choice;
   * "silent": a model was chosen but its held-out predictions do not beat always guessing the
@@ -24,7 +25,8 @@ Per attribute, the states (info[attribute]["status"]):
 Scores. A shown choice's score is its calibrated probability. A face's rank, the task's prediction
 score the Data Manager sorts on, is its place in the teaching order (backend.attributes.ordering):
 round-robin over a fine label-free clustering of the faces (the least-labelled clusters first),
-the most uncertain face of a cluster first. Faces the refit did not see (new photos) get half their
+within a cluster a systematic sample from its most typical face outwards, faces of values with few
+confirmations first. Faces the refit did not see (new photos) get half their
 centrality in that clustering: below the planned ones, most typical first.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.attributes.abstention import Gate
+from backend.attributes.abstention import Gate, population_prevalence
 from backend.attributes.candidates import (ClusterLearner, Learner, PriorLearner, learner_from_state,
                                            supervised_candidates)
 from backend.attributes.centroids import AttributeModel, CentroidModel, ModelFormatError
@@ -310,9 +312,18 @@ def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
     probas, counts = [], []
     any_labelled = np.zeros(n, bool)
     for attribute in config.attributes:
+        any_labelled |= is_labelled(np.asarray(labels.get(attribute.name, np.full(n, None, object)),
+                                               dtype=object))
+    key = diversity_key(n)
+    strata = None
+    if n >= 2:
+        # Label-free strata of the faces: the teaching order's clusters, and what the gates'
+        # population estimates weight by.
+        clusterings.ensure(X, [key])
+        strata = np.asarray(clusterings[key].predict(X))
+    for attribute in config.attributes:
         y = np.asarray(labels.get(attribute.name, np.full(n, None, object)), dtype=object)
         labelled = is_labelled(y)
-        any_labelled |= labelled
         confirmations = dict(Counter(str(v) for v in y[labelled]))
         ready = ready_values(y)
         prior_model = usable_prior(prior, attribute, pipeline_fingerprint)
@@ -332,7 +343,12 @@ def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
             started = time.perf_counter()
             factories = candidate_factories(len(ready), views, clusterings, prior_model)
             choice, learner = choose(factories, views, rows, y[rows], seed=SEED)
-            gate = Gate.fit(choice.y, choice.pred, choice.conf)
+            # The gate judges against the project's faces, not the confirmations alone: a teaching
+            # order that balances the values makes their majority under-state the faces' one.
+            predicted = learner.predict(views[learner.view])
+            prevalence = population_prevalence(choice.values, y, predicted, strata, any_labelled)
+            gate = Gate.fit(choice.y, choice.pred, choice.conf, prevalence=prevalence)
+            entry["prevalence"] = prevalence
             gates[attribute.name] = gate
             status = "shown" if gate.open else "silent"
             entry["selection"] = {"chosen": choice.chosen, "cv": choice.cv,
@@ -361,10 +377,8 @@ def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
             "k": int(k) if k is not None and learner.kind in ("clusters", "prior") else None,
             "names": ({str(c): v for c, v in learner.names.items()}
                       if learner is not None and getattr(learner, "names", None) else None)}
-    key = diversity_key(n)
     diversity, table, order = None, [], {}
     if n >= 2:
-        clusterings.ensure(X, [key])
         diversity = clusterings[key]
         table = centrality_table(diversity, X)
         ids, d = _assignments(diversity, X)

@@ -65,3 +65,44 @@ def test_an_attribute_without_signal_is_not_pre_annotated_and_one_with_signal_is
     assert [f.values["gender"][0] for f in faces] == list(gender[40:])
     assert all(f.values["glasses"][0] is None for f in faces)
     assert model.info["gender"]["coverage"] == 1.0 and model.info["glasses"]["coverage"] == 0.0
+
+
+def test_balanced_confirmations_are_judged_against_the_faces_majority():
+    """A teaching order confirmed 5 "no" and 3 "yes" (62.5 % majority) of faces that are 71 % "no";
+    the weak model got 6 of the 8 right, the 6 it is surest of: 6/6 clears 62.5 % (lower bound
+    0.69) but not the faces' 71 %. Judged against the faces (their estimated prevalence), with the
+    held-out faces weighted by how common their value is among them, the gate stays shut."""
+    y = np.array(["no"] * 5 + ["yes"] * 3, dtype=object)
+    pred = np.array(["no"] * 4 + ["yes"] + ["yes"] * 2 + ["no"], dtype=object)
+    conf = np.array([0.9] * 4 + [0.6] + [0.9] * 2 + [0.6])
+    assert Gate.fit(y, pred, conf).open            # the confirmations' majority alone: opens
+    shut = Gate.fit(y, pred, conf, prevalence={"no": 0.71, "yes": 0.29})
+    assert not shut.open and shut.majority == pytest.approx(0.71) and not shut.show([0.9]).any()
+    # A model that earns it still opens: 18 right of 18 against the same faces.
+    y2 = np.array(["no"] * 10 + ["yes"] * 8, dtype=object)
+    good = Gate.fit(y2, y2, np.full(18, 0.9), prevalence={"no": 0.71, "yes": 0.29})
+    assert good.open and good.show([0.9]).all()
+
+
+def test_population_prevalence_post_stratifies_the_confirmations():
+    """Two clusters of 60 and 20 faces, 4 confirmations in each: the faces' shares follow the
+    clusters' sizes, not the confirmations' (balanced) counts; the model's guess fills a cluster
+    without confirmations; faces of clusters whose labelled tasks never carry the attribute (photos
+    without it) do not count."""
+    from backend.attributes.abstention import population_prevalence
+
+    strata = np.array([0] * 60 + [1] * 20 + [2] * 20)
+    confirmed = np.full(100, None, dtype=object)
+    confirmed[[0, 1, 2, 3]] = "no"
+    confirmed[[60, 61, 62, 63]] = "yes"
+    labelled = confirmed != None  # noqa: E711
+    labelled[80:84] = True          # cluster 2: labelled tasks, none with this attribute
+    predicted = np.array(["no"] * 100, dtype=object)
+    p = population_prevalence(["no", "yes"], confirmed, predicted, strata, labelled)
+    assert p["no"] == pytest.approx(0.75) and p["yes"] == pytest.approx(0.25)
+    # Without confirmations in cluster 1, its faces count by the model's guess ("no").
+    confirmed[[60, 61, 62, 63]] = None
+    confirmed[[4, 5]] = "yes"
+    labelled = confirmed != None  # noqa: E711
+    p = population_prevalence(["no", "yes"], confirmed, predicted, strata, labelled)
+    assert p["yes"] == pytest.approx(2 / 6 * 60 / 100)

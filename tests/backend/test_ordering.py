@@ -1,5 +1,6 @@
 """The teaching order: every cluster (and so every value it stands for) before any repeats, the
-least-labelled clusters first, the unsure and the typical faces first within a cluster."""
+least-labelled clusters first; within a cluster a systematic sample from its most typical face
+outwards, faces of values with few confirmations first."""
 import numpy as np
 
 from backend.attributes.ordering import teaching_scores, uncertainty, value_need
@@ -18,7 +19,8 @@ def test_round_robin_over_clusters_least_labelled_first():
     order = list(np.argsort(-s, kind="stable"))
     assert s[6] == 0.0 and order[-1] == 6
     # The most typical face of clusters 0 and 1 (no label yet), then cluster 2's, then the
-    # second faces of 0 and 1...
+    # second faces of 0 and 1 (their median ones), then the last ones (every cluster then has as
+    # many labels: equal ranks go to the more typical face).
     assert order[:8] == [1, 5, 8, 2, 4, 7, 0, 3]
 
 
@@ -64,3 +66,33 @@ def test_the_order_covers_every_value_before_repeating_one():
         for i in todo[:4]:
             y[i] = "male" if group[i] < 2 else "female"
         labels = {"gender": y}
+
+
+def test_systematic_spreads_a_cluster_from_centre_to_edge():
+    """Within a cluster the most typical face comes first, then the median one, then the
+    quartiles: the first labels of a cluster span it as a random sample would, not only its centre
+    (nor only its unsure edge)."""
+    from backend.attributes.ordering import systematic
+
+    ids = np.zeros(8, int)
+    cen = np.linspace(1.0, 0.0, 8)          # face 0 the most typical, face 7 the least
+    s = systematic(ids, cen)
+    order = list(np.argsort(-s, kind="stable"))
+    assert order[0] == 0 and order[1] == 4 and sorted(order[2:4]) == [2, 6]
+    assert sorted(order) == list(range(8))
+    # Per cluster: a second cluster's ranks do not depend on the first's.
+    ids2 = np.array([0] * 8 + [1] * 4)
+    s2 = systematic(ids2, np.concatenate([cen, [0.9, 0.1, 0.5, 0.3]]))
+    np.testing.assert_allclose(s2[:8], s)
+    assert list(np.argsort(-s2[8:], kind="stable"))[:2] == [0, 3]   # most typical, then median
+
+
+def test_within_a_cluster_the_order_is_systematic_not_edge_first():
+    """With uncertainty at its edge (the usual case: unsure faces lie between clusters), the
+    second label of a cluster is still its median face, not its least typical one."""
+    ids = np.zeros(9, int)
+    cen = np.linspace(1.0, 0.0, 9)
+    unc = 1.0 - cen
+    s = teaching_scores(ids, cen, unc, np.zeros(9, bool))
+    order = list(np.argsort(-s, kind="stable"))
+    assert order[:2] == [0, 4], order
