@@ -206,7 +206,7 @@ class SubdiscModel:
         if waiting:
             # Label Studio stores these ~12 a second, maybe after the real predictions: the
             # workers look for stale placeholders while it may (a whole hour for a big answer).
-            st.placeholders_given(PENDING_TTL)
+            st.placeholders_given(len(waiting), PENDING_TTL)
             fresh = set(st.claim_pending([tid for _, tid in waiting], PENDING_TTL))
             todo = [(tid, registry[tid]["source"]) for _, tid in waiting if tid in fresh]
             if todo:

@@ -218,19 +218,36 @@ def _repair(st: ProjectState, ls=None) -> int:
     if ls is None:
         return 0
     try:
-        return repair_placeholders(ls, st.id)
+        removed = repair_placeholders(ls, st.id)
     except LabelStudioError as exc:
         log.warning("project %s: placeholders not checked: %s", st.id, exc)
         return 0
+    st.placeholders_removed(removed)
+    return removed
+
+
+def _standing(st: ProjectState, ls) -> int | None:
+    """Tasks holding a placeholder of ours with no real prediction yet (None: not known now)."""
+    from backend.labelstudio import LabelStudioError
+    from backend.posting import PENDING_SUFFIX
+
+    try:
+        return len(ls.tasks_with_predictions(st.id, PENDING_SUFFIX, more_than=0))
+    except LabelStudioError as exc:
+        log.warning("project %s: %s", st.id, exc)
+        return None
 
 
 def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: float = SETTLE_LIMIT,
                         every: float = SETTLE_EVERY) -> dict:
-    """RQ job: repair placeholders until Label Studio's prediction count stays put for `quiet` s.
+    """RQ job: repair placeholders until every placeholder handed out has landed in Label Studio
+    and its prediction count has stayed put for `quiet` s (at most `limit` s).
 
-    Label Studio stores a /predict answer long after the backend gave it (~12 items a second), so
-    a placeholder can land minutes after its task's real prediction; while it stores, the
-    project's prediction count grows.
+    Label Studio stores a /predict answer long after the backend gave it (~12 items a second, and
+    slower under load: a pause longer than `quiet` was seen), so a placeholder can land minutes
+    after its task's real prediction. Quiet alone is not enough: the placeholders counted as
+    handed out (ProjectState.placeholders) must all have been seen, deleted or still standing
+    alone on a task whose real prediction is not posted yet.
     """
     from backend.labelstudio import LabelStudioError
 
@@ -239,7 +256,7 @@ def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: flo
     if ls is None:
         return {"project": st.id, "removed": 0, "status": "no Label Studio URL"}
     started = moved = time.monotonic()
-    removed, last = 0, None
+    removed, last, landed = 0, None, False
     while time.monotonic() - started < limit:
         got = _repair(st, ls)
         removed += got
@@ -251,6 +268,11 @@ def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: flo
         if got or total != last:
             last, moved = total, time.monotonic()
         elif time.monotonic() - moved >= quiet:
-            break
+            counts, standing = st.placeholders(), _standing(st, ls)
+            landed = standing is not None and (
+                counts.get("removed", 0) + standing >= counts.get("given", 0))
+            if landed:
+                break
         time.sleep(every)
-    return {"project": st.id, "removed": removed, "seconds": round(time.monotonic() - started, 1)}
+    return {"project": st.id, "removed": removed, "landed": landed,
+            "seconds": round(time.monotonic() - started, 1)}

@@ -16,8 +16,9 @@ restarted server or worker carries on where it was:
     history           list   one JSON entry per refit that changed something
     errors            hash   task id -> why its photo gave no prediction
     pending, posted   hash   tasks queued for the async path / model version last POSTed per task
-    placeholders_given  str  /predict answered with "+pending" placeholders lately (they may still
-                             be stored by Label Studio, after the real prediction: backend/predict_jobs.py)
+    placeholders      hash   "+pending" placeholders /predict handed out lately ("given") and how many
+                             of them were deleted next to a real prediction ("removed"): Label
+                             Studio may still store some, after the real one (backend/predict_jobs.py)
     lock:refit        str    held by the running refit: a 60 s TTL renewed while it runs, so a
                              holder killed (or a lock restored from the append-only file) frees it
                              within a minute
@@ -293,13 +294,27 @@ class ProjectState:
             self.redis.hset(self.key("pending"), mapping={t: repr(now + ttl) for t in fresh})
         return fresh
 
-    def placeholders_given(self, ttl: float) -> None:
-        """/predict just answered with placeholders: look for stale ones for the next `ttl` s."""
-        self.redis.set(self.key("placeholders_given"), repr(time.time()), px=max(1, int(ttl * 1000)))
+    def placeholders_given(self, n: int, ttl: float) -> None:
+        """/predict just answered with n placeholders: Label Studio may store them for a while (the
+        count lives `ttl` s after the latest answer)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(self.key("placeholders"), "given", int(n))
+            pipe.pexpire(self.key("placeholders"), max(1, int(ttl * 1000)))
+            pipe.execute()
+
+    def placeholders_removed(self, n: int) -> None:
+        """n placeholders of ours, stored next to a real prediction, were deleted."""
+        if n and self.redis.exists(self.key("placeholders")):
+            self.redis.hincrby(self.key("placeholders"), "removed", int(n))
+
+    def placeholders(self) -> dict[str, int]:
+        """{"given": placeholders handed out lately, "removed": of those, deleted since}; empty
+        when none were handed out within the count's life."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(self.key("placeholders")).items()}
 
     def placeholders_out(self) -> bool:
         """Whether Label Studio may yet store a placeholder of ours (see placeholders_given)."""
-        return bool(self.redis.exists(self.key("placeholders_given")))
+        return bool(self.redis.exists(self.key("placeholders")))
 
     def count_posted(self) -> int:
         """Tasks of the project posted to Label Studio (it acknowledged them) with any version."""

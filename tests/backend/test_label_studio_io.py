@@ -5,6 +5,7 @@ end-to-end cases the real server (`subdisc serve`) with real RQ workers.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -299,3 +300,32 @@ def test_list_tasks_pages_until_the_total(redis_conn):
         assert [t["id"] for t in got] == list(range(1, 251))
         pages = [r for r in ls.requests if r[1].startswith("/api/tasks")]
         assert len(pages) == 3 and all("review=true" in r[1] for r in pages)
+
+
+def test_settling_waits_for_every_placeholder_handed_out(redis_url, redis_conn, monkeypatch):
+    """Label Studio under load stores a /predict answer with pauses longer than the settling's
+    quiet period: settling must not stop while placeholders it handed out have not landed."""
+    from backend.predict_jobs import settle_placeholders
+
+    monkeypatch.setenv("SUBDISC_REDIS_URL", redis_url)
+    with StandInLabelStudio(token="tok-s") as ls:
+        tasks = [{"id": 950 + i, "data": {"image": f"/data/upload/1/{i}.jpg"}} for i in range(4)]
+        ls.add_tasks(tasks)
+        st = ProjectState(redis_conn, PROJECT)
+        st.save_settings(default_config_xml(), hostname=ls.url, access_token="tok-s")
+        st.placeholders_given(len(tasks), 600)            # what /predict answered
+        for t in tasks:                                   # the real predictions, posted at once
+            ls.store({"task": t["id"], "model_version": "v1", "result": []}, "bulk")
+
+        def store_with_pauses():                          # then the placeholders, 1.5 s apart
+            for t in tasks:
+                time.sleep(1.5)
+                ls.store({"task": t["id"], "model_version": "v1" + PENDING_SUFFIX, "result": []},
+                         "predict")
+        thread = threading.Thread(target=store_with_pauses, daemon=True)
+        thread.start()
+        out = settle_placeholders(st.id, quiet=0.5, limit=30, every=0.1)
+        thread.join()
+        assert out["landed"] and out["removed"] == 4
+        assert all(ls.latest(t["id"])["model_version"] == "v1" for t in tasks)
+        assert st.placeholders() == {"given": 4, "removed": 4}
