@@ -20,7 +20,8 @@
                            waits for it; seconds between two reconciliations with Label Studio
                            (backend/state.py, backend/reconcile.py read them). Give server and
                            workers the same values: workers also queue the periodic reconciliation
-    SUBDISC_BATCH_SIZE     photos per worker job (default 32): smaller jobs post their first
+    SUBDISC_BATCH_SIZE     photos per worker job (default 32; a request of thousands gets bigger
+                           jobs, backend.predict_jobs.import_size): smaller jobs post their first
                            predictions sooner, larger ones cost less (workers.client.BATCH_SIZE)
     BASIC_AUTH_USER, BASIC_AUTH_PASS   if both set, every route asks for them
 """

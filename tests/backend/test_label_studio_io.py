@@ -178,6 +178,17 @@ def test_each_batch_is_imported_in_one_request_and_nothing_twice(redis_url, redi
         assert len(ls.predictions) == 12 and len(bulk_requests(ls)) == 3
 
 
+def test_a_big_request_is_cut_into_few_import_requests():
+    """Label Studio's time per import request grows with the project, not with the request: a
+    request of thousands gets bigger jobs (each one import), small ones keep the batch size."""
+    from backend.predict_jobs import MAX_BATCH, MAX_IMPORTS, import_size
+
+    assert import_size(10, 4) == 4 and import_size(1000, 32) == 32
+    size = import_size(7199, 32)
+    assert size > 32 and -(-7199 // size) <= MAX_IMPORTS
+    assert import_size(10**6, 32) == MAX_BATCH and import_size(10**6, 500) == 500   # asked for
+
+
 def test_a_refused_bulk_import_falls_back_to_one_post_per_task(redis_url, redis_conn, rq_workers,
                                                                tmp_path):
     config = default_config_xml()
