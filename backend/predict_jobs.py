@@ -50,6 +50,9 @@ POST_SECONDS = 600
 #: workers busy to the end; no job holds more than MAX_BATCH photos (~6 s of one core).
 MAX_IMPORTS = 64
 MAX_BATCH = 256
+#: Seconds past a quiet spell that settle_placeholders still waits for placeholders handed out and
+#: not yet stored (a client may never store them; this job holds a worker meanwhile).
+LANDING_WAIT = 60.0
 #: settle_placeholders stops once Label Studio's prediction count has not moved for this long...
 SETTLE_QUIET = 20.0
 #: ... or after this long in all (seconds), and looks every SETTLE_EVERY seconds.
@@ -261,7 +264,8 @@ def _standing(st: ProjectState, ls) -> int | None:
 def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: float = SETTLE_LIMIT,
                         every: float = SETTLE_EVERY) -> dict:
     """RQ job: repair placeholders until every placeholder handed out has landed in Label Studio
-    and its prediction count has stayed put for `quiet` s (at most `limit` s).
+    and its prediction count has stayed put for `quiet` s (waiting at most LANDING_WAIT s more for
+    the landing, at most `limit` s in all).
 
     Label Studio stores a /predict answer long after the backend gave it (~12 items a second, and
     slower under load: a pause longer than `quiet` was seen), so a placeholder can land minutes
@@ -291,7 +295,9 @@ def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: flo
             counts, standing = st.placeholders(), _standing(st, ls)
             landed = standing is not None and (
                 counts.get("removed", 0) + standing >= counts.get("given", 0))
-            if landed:
+            # Not forever: a client may never store what /predict answered, and this job holds
+            # a worker while it waits.
+            if landed or time.monotonic() - moved >= quiet + LANDING_WAIT:
                 break
         time.sleep(every)
     return {"project": st.id, "removed": removed, "landed": landed,
