@@ -32,6 +32,7 @@ import functools
 import logging
 import os
 
+from workers.client import BATCH_SIZE
 from workers.images import FetchSettings
 from workers.labelstudio_auth import on_origin
 from workers.pipeline import PipelineOptions, parse_upsample
@@ -90,8 +91,6 @@ def fetch_settings(settings: dict | None) -> FetchSettings:
 
 
 def batch_size() -> int:
-    from workers.client import BATCH_SIZE
-
     value = int(os.environ.get("SUBDISC_BATCH_SIZE") or BATCH_SIZE)
     if value < 1:
         raise ValueError(f"SUBDISC_BATCH_SIZE must be at least 1, not {value}")

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Weights, within a cluster, of the systematic rank (or centrality), uncertainty and value need.
+#: Weights, within a cluster, of the systematic rank, uncertainty and value need.
 CENTRALITY_WEIGHT = 1.0
 UNCERTAINTY_WEIGHT = 0.0
 NEED_WEIGHT = 1.0
-#: Rank a cluster's faces by a systematic sample of their centrality (False: centrality itself).
-SYSTEMATIC = True
 
 
 def uncertainty(probas: list[np.ndarray], n: int) -> np.ndarray:
@@ -116,9 +114,8 @@ def teaching_scores(cluster_ids, centrality, uncertainty_, labelled, need=None,
     labelled = np.asarray(labelled, bool)
     n = len(ids)
     k = int(ids.max()) + 1 if n else 0
-    if SYSTEMATIC:
-        # Equal ranks in different clusters (each one's most typical face...) go to the more typical.
-        cen = systematic(ids, cen) + 1e-6 * cen
+    # Equal ranks in different clusters (each one's most typical face...) go to the more typical.
+    cen = systematic(ids, cen) + 1e-6 * cen
     priority = UNCERTAINTY_WEIGHT * unc + CENTRALITY_WEIGHT * cen
     if need is not None:
         priority = priority + NEED_WEIGHT * np.asarray(need, float)

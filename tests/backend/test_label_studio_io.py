@@ -5,6 +5,7 @@ end-to-end cases the real server (`subdisc serve`) with real RQ workers.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -38,6 +39,20 @@ def noise_photos(tmp_path, n: int, seed: int = 5) -> list[str]:
 
 def bulk_requests(ls) -> list:
     return [r for r in ls.requests if r[0] == "POST" and r[1].endswith("/import/predictions")]
+
+
+@contextlib.contextmanager
+def connected_project(redis_url, rq_workers, tmp_path, first_id: int, n: int, seed: int,
+                      workers: int, token: str):
+    """A backend set up for a stand-in Label Studio holding n faceless photo tasks, with
+    workers running; yields (server, ls, tasks, config). Jobs of 2 photos."""
+    config = default_config_xml()
+    tasks = [ls_task(first_id + i, p) for i, p in enumerate(noise_photos(tmp_path, n, seed=seed))]
+    rq_workers.start(workers)
+    with serve(redis_url, SUBDISC_BATCH_SIZE="2") as server, StandInLabelStudio(token=token) as ls:
+        ls.add_tasks(tasks)
+        assert server.setup(config, hostname=ls.url, token=token).status_code == 200
+        yield server, ls, tasks, config
 
 
 def placeholder_looks(ls) -> list:
@@ -242,12 +257,8 @@ def test_queued_tasks_cost_label_studio_only_their_imports(redis_url, redis_conn
     from backend.model import SubdiscModel
     from backend.predict_jobs import queue_tasks
 
-    config = default_config_xml()
-    tasks = [ls_task(900 + i, p) for i, p in enumerate(noise_photos(tmp_path, 8, seed=9))]
-    rq_workers.start(1)
-    with serve(redis_url, SUBDISC_BATCH_SIZE="2") as server, StandInLabelStudio(token="tok-q") as ls:
-        ls.add_tasks(tasks)
-        assert server.setup(config, hostname=ls.url, token="tok-q").status_code == 200
+    with connected_project(redis_url, rq_workers, tmp_path, 900, 8, seed=9, workers=1,
+                           token="tok-q") as (server, ls, tasks, config):
         model = SubdiscModel(redis_conn, queue_name="subdisc-test", batch_size=2)
         counts = queue_tasks(model, PROJECT, {t["id"]: t["data"]["image"] for t in tasks[:6]})
         assert counts["queued"] == 6 and counts["jobs"] == 3
@@ -272,12 +283,8 @@ def test_no_placeholder_stays_newer_than_the_real_prediction(redis_url, redis_co
     """"Retrieve predictions" on uncached photos: Label Studio stores the /predict answer (empty
     "+pending" placeholders) slowly, while the workers post the real predictions within a second
     or two. Without the repair most placeholders land after, and become what the labeler sees."""
-    config = default_config_xml()
-    tasks = [ls_task(800 + i, p) for i, p in enumerate(noise_photos(tmp_path, 24, seed=8))]
-    rq_workers.start(2)
-    with serve(redis_url, SUBDISC_BATCH_SIZE="2") as server, StandInLabelStudio(token="tok-r") as ls:
-        ls.add_tasks(tasks)
-        assert server.setup(config, hostname=ls.url, token="tok-r").status_code == 200
+    with connected_project(redis_url, rq_workers, tmp_path, 800, 24, seed=8, workers=2,
+                           token="tok-r") as (server, ls, tasks, config):
         answer = ls.retrieve(server.url, PROJECT, tasks, config, rate=4, auth=server.http.auth)
         assert all(p["model_version"].endswith(PENDING_SUFFIX) for p in answer)
         ls.wait_for(24, timeout=120)
