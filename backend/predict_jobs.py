@@ -250,15 +250,20 @@ def _repair(st: ProjectState, ls=None) -> int:
 
 
 def _standing(st: ProjectState, ls) -> int | None:
-    """Tasks holding a placeholder of ours with no real prediction yet (None: not known now)."""
+    """Tasks holding a placeholder of ours alone, their real prediction not posted yet (None: not
+    known now, or a placeholder already sits next to a real prediction and wants repairing first:
+    it may have landed after the last repair, and counting it as standing would end settling one
+    placeholder early)."""
     from backend.labelstudio import LabelStudioError
     from backend.posting import PENDING_SUFFIX
 
     try:
-        return len(ls.tasks_with_predictions(st.id, PENDING_SUFFIX, more_than=0))
+        held = ls.tasks_with_predictions(st.id, PENDING_SUFFIX, more_than=0)
+        beside_real = ls.tasks_with_predictions(st.id, PENDING_SUFFIX, more_than=1) if held else []
     except LabelStudioError as exc:
         log.warning("project %s: %s", st.id, exc)
         return None
+    return None if beside_real else len(held)
 
 
 def settle_placeholders(project_id: str, quiet: float = SETTLE_QUIET, limit: float = SETTLE_LIMIT,
