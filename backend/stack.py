@@ -56,6 +56,13 @@ def worker_args(redis_url: str, queue: str) -> list[str]:
     return ["--url", redis_url, queue]
 
 
+#: Label Studio 1.23's own feature flag (data_import/api.py, off by default): with it an import of
+#: predictions recounts the counters of the tasks it touched; without it, of every task in the
+#: project. Measured on a project of 7,199 tasks, 5,200 predicted: 32 predictions in 0.05 s instead
+#: of 5.0 s, 256 in 0.22 s instead of 5.0 s.
+FAST_PREDICTION_IMPORT = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+
+
 def label_studio_env(*, username: str, password: str, token: str, document_root: str | Path) -> dict:
     """What a headless Label Studio needs (../shared/docs/label-studio.md explains each one)."""
     return {
@@ -73,6 +80,7 @@ def label_studio_env(*, username: str, password: str, token: str, document_root:
         # Empty: no error reports to Label Studio's Sentry (it retries unreachable hosts every minute).
         "SENTRY_DSN": "",
         "FRONTEND_SENTRY_DSN": "",
+        FAST_PREDICTION_IMPORT: "true",
     }
 
 

@@ -47,7 +47,8 @@ def test_label_studio_env_matches_the_headless_run(services):
     wanted = stack.label_studio_env(username="u", password="p", token="t", document_root="/data")
     assert set(wanted) <= set(env)
     for key in ("LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED",
-                "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED", "LATEST_VERSION_CHECK", "SENTRY_DSN"):
+                "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED", "LATEST_VERSION_CHECK", "SENTRY_DSN",
+                stack.FAST_PREDICTION_IMPORT):
         assert str(env[key]).lower() == wanted[key], key
     # The token Label Studio creates is the one the backend posts predictions with.
     assert env["LABEL_STUDIO_USER_TOKEN"] == services["backend"]["environment"]["LABEL_STUDIO_API_KEY"]
