@@ -132,7 +132,9 @@ def queue_tasks(model: SubdiscModel, project_id, tasks: dict, label_config: str 
     was never set up (Label Studio calls /setup when the backend is connected). Tasks already posted with the
     current model version are skipped, cached photos are posted without worker embedding, the
     others are embedded first; a task whose image cannot be read gets its error recorded (and an
-    empty prediction, like /predict would give). Returns counts.
+    empty prediction, like /predict would give). Returns counts, and `waiting`: {task id: the
+    model version it was posted with before (None: never)} of the tasks to post, so a caller can
+    tell when each one is done (its version changed) even where it held an older prediction.
     """
     from backend import posting, runtime
     from backend.model import PENDING_TTL
@@ -168,7 +170,7 @@ def queue_tasks(model: SubdiscModel, project_id, tasks: dict, label_config: str 
                                model.batch_size, model.fingerprint, cached=cached)
     return {"tasks": len(tasks), "queued": len(items), "cached": len(cached),
             "already_posted": len(registry) - len(wanted), "unreadable": len(errors),
-            "jobs": len(jobs), "version": version}
+            "jobs": len(jobs), "version": version, "waiting": {tid: posted.get(tid) for tid in wanted}}
 
 
 def predict_batch(project_id: str, task_ids: list[str], sources: list[str], options: dict,

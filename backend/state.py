@@ -316,10 +316,6 @@ class ProjectState:
         """Whether Label Studio may yet store a placeholder of ours (see placeholders_given)."""
         return bool(self.redis.exists(self.key("placeholders")))
 
-    def count_posted(self) -> int:
-        """Tasks of the project posted to Label Studio (it acknowledged them) with any version."""
-        return int(self.redis.hlen(self.key("posted")))
-
     def release_pending(self, task_ids) -> None:
         ids = [str(t) for t in task_ids]
         if ids:

@@ -118,8 +118,10 @@ def run(args) -> int:
             redis = redis_lib.Redis.from_url(redis_url)
             queued = queue_photos(redis, project.id, ls.task_images(project.id), env)
             say(f"{queued['tasks']} tasks: {queued['already_posted']} predicted already, "
-                f"{queued['queued'] - queued['cached']} photos to embed, {queued['cached']} cached")
-            progress = Progress(ls, project.id, redis, folder, PipelineOptions(fallback=args.fallback))
+                f"{queued['queued'] - queued['cached']} photos to embed, {queued['cached']} cached "
+                f"(model version {queued['version']})")
+            progress = Progress(ls, project.id, redis, folder, PipelineOptions(fallback=args.fallback),
+                                waiting=queued["waiting"])
             done = progress.follow(stack, asked, args.exit_when_done, args.stall_timeout)
             if args.exit_when_done:
                 say(progress.figures(asked, started))
@@ -165,8 +167,10 @@ def queue_photos(redis: redis_lib.Redis, project: int, images: dict, env: dict) 
 
 class Progress:
     """Photos embedded (read from the Redis cache) and predictions posted: on the way, the tasks
-    whose import Label Studio acknowledged (read from Redis); done once Label Studio itself counts
-    every task with a real prediction and no placeholder among them, as a labeler sees them.
+    whose import Label Studio acknowledged (read from Redis: a queued task counts once the version
+    it was posted with has changed, since a second run re-posts tasks that hold an older model's
+    prediction); done once Label Studio itself counts every task with a real prediction and no
+    placeholder among them, as a labeler sees them.
 
     Label Studio is asked only at the end (then every LS_EVERY s until it agrees): its filtered
     count takes ~1.5 s of its CPU at 7,000 tasks, and asking each second while the workers import
@@ -178,7 +182,7 @@ class Progress:
     LS_EVERY = 5.0
 
     def __init__(self, ls: Provisioner, project: int, redis: redis_lib.Redis, folder: Path,
-                 options: PipelineOptions):
+                 options: PipelineOptions, waiting: dict[str, str | None]):
         self.ls, self.project = ls, project
         self.cache = EmbeddingCache(redis, fingerprint(options))
         self.tasks = ls.count_tasks(project)
@@ -193,6 +197,7 @@ class Progress:
         self.embedded = 0
         self.faces = 0
         self.state = ProjectState(redis, project)
+        self.waiting = dict(waiting)     # {task id: its posted version before this run}
         self.posted = 0
         self.confirmed = False      # Label Studio counted every task
         self.last_post = None
@@ -205,7 +210,10 @@ class Progress:
             done = [r for r in results if r is not None]
             self.embedded += len(done)
             self.faces += sum(len(r.faces) for r in done)
-        posted = min(self.state.count_posted(), self.tasks)
+        if self.waiting:
+            now = self.state.posted_versions(list(self.waiting))
+            self.waiting = {t: v for t, v in self.waiting.items() if now[t] == v}
+        posted = self.tasks - len(self.waiting)
         if posted >= self.tasks and time.monotonic() - self._asked >= self.LS_EVERY:
             self._asked = time.monotonic()
             posted = self.ls.count_predicted(self.project, PENDING_SUFFIX)

@@ -8,6 +8,7 @@ pre-annotations, correcting others), and we check the backend's report against o
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -365,6 +366,16 @@ def test_subdisc_up_runs_end_to_end_and_leaves_nothing_behind(label_studio_exe, 
         out = log.read_text()
         assert "existing project" in out, out
         assert f"photos embedded {n_photos}/{n_photos}" in out, out
+        # Done means done under this run's model: the first run's refit named a new version, and
+        # tasks holding the older one's prediction must have been re-posted before "done".
+        version = re.search(r"\(model version (\S+)\)", out).group(1) if "model version" in out else __import__("redis").Redis.from_url("x").get("x")
+        ls_url = f"http://127.0.0.1:{cmd[cmd.index('--ls-port') + 1]}"
+        token = json.loads((data_dir / "label-studio-login.json").read_text())["token"]
+        project = int(re.search(r"\(existing project (\d+)\)", out).group(1))
+        held = Provisioner(ls_url, token).count_tasks(project, {
+            "filter": "filter:tasks:predictions_model_versions", "type": "List",
+            "value": [version], "operator": "contains"})
+        assert held == n_photos, (held, version, out)
         os.kill(up.pid, signal.SIGINT)      # what Ctrl-C in its terminal sends
         assert up.wait(60) == 130, log.read_text()
         assert _settled(marker) == [], "processes left behind after Ctrl-C"
