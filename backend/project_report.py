@@ -104,7 +104,9 @@ def summary_table(report: dict):
     for name, a in report["attributes"].items():
         accepted = f"{a['accepted']}/{a['shown']} ({pct(a['accepted_rate'])})" if a["shown"] else "-"
         model = "-"
-        if a["algo"]:
+        if a["algo"] == "committee" and a["chosen"]:
+            model = "mean of " + ", ".join(a["chosen"].split(":", 1)[1].split("+"))
+        elif a["algo"]:
             model = a["algo"] + (f" k={a['k']}" if a["k"] else "") + (f" on {a['view']}" if a["view"] else "")
         per = ", ".join(f"{v} {pct(x)}" for v, x in (a["per_value"] or {}).items()) or "-"
         shown = pct(a["shown_accuracy"]) if a["status"] == "shown" else "-"

@@ -1,8 +1,9 @@
 """When to show a value: the attribute's gate, and the per-face threshold, from held-out predictions.
 
     prevalence = population_prevalence(values, confirmed, predicted, strata, labelled)
-    gate = Gate.fit(choice.y, choice.pred, choice.conf,      # the nested CV's held-out predictions
-                    prevalence=prevalence)                   # the values' shares among the faces
+    gate = Gate.fit(choice.y, choice.pred,    # right or wrong: the nested CV's held-out predictions
+                    choice.own_conf,          # confidence: the chosen model's own held-out fits
+                    prevalence=prevalence)    # the values' shares among the faces
     gate.open, gate.threshold, gate.calibrated(conf)         # show a face's value iff open and
                                                              # calibrated(conf) >= gate.threshold
 

@@ -10,8 +10,9 @@ views: {view: (n, d)} of every project face (backend.attributes.views; "vector" 
 Per attribute, the states (info[attribute]["status"]):
   * "shown": enough confirmations (MIN_PER_VALUE for at least two values); among the candidates
     (backend.attributes.candidates: named clusters, nearest class mean, logistic regression, label
-    spreading, each on every view, and the saved prior) the one with the best cross-validated
-    accuracy is chosen (backend.attributes.selection.choose), and its nested held-out predictions
+    spreading, each on every view, and the saved prior) the three with the best cross-validated
+    accuracy are chosen and their probabilities averaged (a committee:
+    backend.attributes.selection.choose), and the nested held-out predictions of choosing so
     open the gate (backend.attributes.abstention): it beats the majority baseline of the project's
     faces (estimated from every face, not the balanced confirmations alone) with confidence.
     A face's value is shown only when its calibrated probability clears the gate's threshold; other
@@ -187,9 +188,9 @@ class ProjectModel:
             return faces
         for name, learner in self.learners.items():
             gate = self.gates.get(name)
-            if learner.view not in views:
+            if not all(v in views for v in learner.needs):
                 continue   # a face without that view (cached before it existed): no value
-            P = learner.predict_proba(views[learner.view])
+            P = learner.proba_from(views)
             values = np.array(learner.values, dtype=object)[P.argmax(1)]
             if gate is None:   # the prior, trusted before any confirmation
                 show, cal = np.ones(n, bool), P.max(1)
@@ -345,9 +346,11 @@ def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
             choice, learner = choose(factories, views, rows, y[rows], seed=SEED)
             # The gate judges against the project's faces, not the confirmations alone: a teaching
             # order that balances the values makes their majority under-state the faces' one.
-            predicted = learner.predict(views[learner.view])
+            predicted = learner.predict_from(views)
             prevalence = population_prevalence(choice.values, y, predicted, strata, any_labelled)
-            gate = Gate.fit(choice.y, choice.pred, choice.conf, prevalence=prevalence)
+            # Right or wrong as the nested procedure predicted (honest), confidence on the scale of
+            # the chosen model (what its faces will be shown by).
+            gate = Gate.fit(choice.y, choice.pred, choice.own_conf, prevalence=prevalence)
             entry["prevalence"] = prevalence
             gates[attribute.name] = gate
             status = "shown" if gate.open else "silent"
@@ -364,7 +367,7 @@ def fit_project(views, labels: dict[str, np.ndarray], config: LabelingConfig,
             status = "collecting"
         if learner is not None:
             learners[attribute.name] = learner
-            P = learner.predict_proba(views[learner.view])
+            P = learner.proba_from(views)
             probas.append(P)
             counts.append([confirmations.get(v, 0) for v in learner.values])
             gate = gates.get(attribute.name)

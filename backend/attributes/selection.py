@@ -9,6 +9,15 @@ flattered by having picked the best of several candidates on the same labels.
 
     sel = select(candidates, y)       # y: (m,) confirmed values of the labelled faces
     sel.chosen, sel.cv[key], sel.scores (nested held-out Scores)
+
+The same for learners of any kind (backend.attributes.candidates), what a project's model uses:
+
+    choice, learner = choose(factories, views, rows, y)    # learner: the COMMITTEE best, averaged
+    choice.chosen, choice.cv[key], choice.scores(), learner.proba_from(views)
+
+Why a committee and not the best alone: with a few dozen confirmations, the best of ~26 candidates by
+cross-validation is mostly the luckiest (the winner's curse), and averaging the few best is steadier
+than any one of them (bench/loop.py; README, "The labelling loop").
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend.attributes.candidates import CommitteeLearner
 from backend.attributes.scoring import Scores, apply_names, name_clusters, score
 
 #: Values need this many confirmations before clusters are named after them.
@@ -137,6 +147,10 @@ class Choice:
 
     held_out: (m, len(values)) each labelled face's probabilities from the nested procedure (the
     learner chosen on its outer-training labels, fitted on them); pred / conf: its argmax and max.
+    own: (m, len(values)) the chosen model's own held-out probabilities (its learners fitted on
+    each outer fold's training labels), or None: on the scale of the confidences the chosen model
+    gives the project's faces, which the nested ones need not be (a fold may choose other
+    learners); own_conf: their max, what a gate calibrates.
     """
 
     chosen: str
@@ -145,6 +159,11 @@ class Choice:
     y: np.ndarray
     held_out: np.ndarray
     folds: int = 0
+    own: np.ndarray | None = None
+
+    @property
+    def own_conf(self) -> np.ndarray:
+        return (self.own if self.own is not None else self.held_out).max(1)
 
     @property
     def pred(self) -> np.ndarray:
@@ -165,16 +184,21 @@ def _fold_proba(make, V, rows, y, values, folds) -> np.ndarray:
     return out
 
 
+#: How many of the best-cross-validated learners the chosen model averages (CommitteeLearner).
+COMMITTEE = 3
+
+
 def choose(factories: list, views: dict[str, np.ndarray], rows, y, seed: int = 0,
-           inner_max: int = 3) -> tuple["Choice", list]:
+           inner_max: int = 3, committee: int = COMMITTEE) -> tuple["Choice", object]:
     """Nested cross-validated choice among learners (factories: callables -> fresh Learner).
 
     views: {view: (n, d)} every project face; rows: (m,) the labelled faces; y: (m,) their values
     (only values with MIN_PER_VALUE confirmations take part). Outer folds score every candidate
-    (plain CV, ties to the earlier = simpler one) and choose; for the nested figure each outer fold
-    chooses again by an inner CV of its training labels only, and the held-out face is predicted by
-    that choice fitted on the outer-training labels. Returns (Choice, the chosen learner fitted on
-    every label).
+    (plain CV); the model is the mean of the `committee` best (ties to the earlier = simpler ones;
+    committee=1: the best alone). For the nested figure each outer fold chooses again by an inner
+    CV of its training labels only, and the held-out face is predicted by that choice fitted on the
+    outer-training labels. Returns (Choice, the chosen learners fitted on every label: one
+    Learner, or a CommitteeLearner of them).
     """
     y = np.asarray(y, dtype=object)
     values = ready_values(y)
@@ -192,7 +216,10 @@ def choose(factories: list, views: dict[str, np.ndarray], rows, y, seed: int = 0
     held = {k: _fold_proba(make[k], V[k], rows, y, values, outer) for k in keys}
     vals = np.array(values, dtype=object)
     cv = {k: float(np.mean(vals[held[k].argmax(1)] == y)) for k in keys}
-    chosen = max(keys, key=lambda k: cv[k])     # max keeps the first of equals
+
+    def best(accuracy: dict) -> list[str]:
+        return sorted(keys, key=lambda k: -accuracy[k])[:committee]   # stable: ties keep the order
+
     nested = np.zeros((len(y), len(values)))
     for train, test in outer:
         inner = splits(y[train], seed, inner_max)
@@ -201,9 +228,12 @@ def choose(factories: list, views: dict[str, np.ndarray], rows, y, seed: int = 0
             for k in keys:
                 P = _fold_proba(make[k], V[k], rows[train], y[train], values, inner)
                 acc[k] = float(np.mean(vals[P.argmax(1)] == y[train]))
-            pick = max(keys, key=lambda k: acc[k])
+            picks = best(acc)
         else:
-            pick = keys[0]   # too few labels to choose honestly: the simplest
-        nested[test] = held[pick][test]
-    final = make[chosen]().fit(V[chosen], rows, y, values)
-    return Choice(chosen, cv, values, y, nested, len(outer)), final
+            picks = keys[:1]   # too few labels to choose honestly: the simplest
+        nested[test] = np.mean([held[k][test] for k in picks], axis=0)
+    top = best(cv)
+    fitted = [make[k]().fit(V[k], rows, y, values) for k in top]
+    final = fitted[0] if len(fitted) == 1 else CommitteeLearner(fitted)
+    own = np.mean([held[k] for k in top], axis=0)
+    return Choice(final.key, cv, values, y, nested, len(outer), own), final

@@ -7,8 +7,9 @@ views of skimage's astronaut, mirrored, which must give the same geometry.
 import numpy as np
 import pytest
 
-from backend.attributes.candidates import (ClusterLearner, LogisticLearner, MeanLearner, PriorLearner,
-                                           SpreadLearner, learner_from_state, supervised_candidates)
+from backend.attributes.candidates import (ClusterLearner, CommitteeLearner, LogisticLearner,
+                                           MeanLearner, PriorLearner, SpreadLearner,
+                                           learner_from_state, supervised_candidates)
 from backend.attributes.clustering import make_clusterer
 from backend.attributes.selection import choose
 
@@ -86,10 +87,60 @@ def test_choose_picks_the_informative_view_and_its_nested_score_is_honest():
     views = {"vector": rng.normal(0, 1, (120, 10)), "eyes": X}   # the vector holds nothing here
     rows = np.arange(0, 120, 3)   # 40 labels, both values
     choice, learner = choose(supervised_candidates(["vector", "eyes"]), views, rows, y[rows])
-    assert learner.view == "eyes" and choice.chosen.endswith(":eyes")
+    # The committee is the three best by cross-validation: the three learners on the eyes.
+    assert isinstance(learner, CommitteeLearner) and learner.needs == ["eyes"]
+    assert choice.chosen == learner.key and len(learner.members) == 3
+    assert all(m.view == "eyes" for m in learner.members)
     assert choice.held_out.shape == (40, 2)
     assert choice.scores().accuracy > 0.85
     assert max(v for k, v in choice.cv.items() if k.endswith(":vector")) < 0.75
+
+
+def test_a_committee_averages_its_members_over_their_own_views_and_round_trips():
+    X, y = planted(n=120, d=10, seed=6, shift=4.0)
+    views = {"eyes": X, "vector": X[:, ::-1] + 0.1}
+    rows = np.arange(0, 120, 3)    # 40 labels, both values
+    members = [MeanLearner("eyes").fit(X, rows, y[rows], ["a", "b"]),
+               LogisticLearner("vector").fit(views["vector"], rows, y[rows], ["a", "b"])]
+    committee = CommitteeLearner(members)
+    assert committee.needs == ["eyes", "vector"] and committee.values == ["a", "b"]
+    expected = (members[0].predict_proba(X) + members[1].predict_proba(views["vector"])) / 2
+    np.testing.assert_allclose(committee.proba_from(views), expected)
+    with pytest.raises(TypeError):
+        committee.predict_proba(X)       # one matrix cannot serve two views
+    back = learner_from_state(*committee.get_state())
+    assert isinstance(back, CommitteeLearner) and back.key == committee.key
+    np.testing.assert_allclose(back.proba_from(views), committee.proba_from(views), atol=1e-6)
+    assert list(back.predict_from(views)) == list(committee.predict_from(views))
+
+
+def test_the_gate_calibrates_on_the_committees_own_held_out_confidences():
+    """choice.own: the chosen members' outer-fold probabilities, averaged (the scale the fitted
+    committee gives faces); choice.held_out: the nested procedure's, which may pick others."""
+    from backend.attributes.selection import _fold_proba, splits
+
+    X, y = planted(n=120, d=10, seed=3, shift=2.0)
+    views = {"vector": np.random.default_rng(9).normal(0, 1, (120, 10)), "eyes": X}
+    rows = np.arange(0, 120, 3)
+    factories = supervised_candidates(["vector", "eyes"])
+    choice, learner = choose(factories, views, rows, y[rows])
+    by_key = {f().key: f for f in factories}
+    folds = splits(y[rows], 0)
+    own = np.mean([_fold_proba(by_key[m.key], views[m.view], rows, y[rows], ["a", "b"], folds)
+                   for m in learner.members], axis=0)
+    np.testing.assert_allclose(choice.own, own)
+    np.testing.assert_allclose(choice.own_conf, own.max(1))
+    assert choice.held_out.shape == own.shape
+
+
+def test_choose_with_a_committee_of_one_is_the_best_learner_alone():
+    X, y = planted(n=120, d=10, seed=3, shift=4.0)
+    views = {"vector": np.random.default_rng(9).normal(0, 1, (120, 10)), "eyes": X}
+    rows = np.arange(0, 120, 3)
+    choice, learner = choose(supervised_candidates(["vector", "eyes"]), views, rows, y[rows],
+                             committee=1)
+    assert not isinstance(learner, CommitteeLearner) and learner.view == "eyes"
+    assert choice.chosen == learner.key == max(choice.cv, key=choice.cv.get)
 
 
 def test_choose_refuses_a_single_value():

@@ -128,7 +128,9 @@ def test_cross_validated_scores_match_a_hand_computation(project, redis_conn):
         confirm(model, task, 200 + i, label)
     model.refit(1)
     sel = ProjectState(redis_conn, 1).load_model()[1]["info"]["gender"]["selection"]
-    assert sel["chosen"] == "clusters:kmeans:2"   # all perfect but for the mislabel: the simplest
+    # All perfect but for the mislabel: the three simplest of the best, simplest first.
+    assert sel["chosen"].startswith("committee:clusters:kmeans:2+"), sel["chosen"]
+    assert all(sel["cv"][k] == max(sel["cv"].values()) for k in sel["chosen"][10:].split("+"))
     assert sel["scores"]["accuracy"] == pytest.approx(11 / 12)
     assert sel["scores"]["values"] == ["female", "male"]
     assert sel["scores"]["confusion"] == [[6, 1], [0, 5]]
@@ -269,4 +271,7 @@ def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
     assert "shown: accuracy (CV)" in text and "coverage" in text
     line = next(l for l in text.splitlines() if l.split()[:2] == ["gender", "shown"])
     assert "100.0%" in line
+    # The model column names what predicts: a committee by its members.
+    members = g["chosen"].split(":", 1)[1].split("+")
+    assert g["algo"] == "committee" and "mean of " + ", ".join(members) in line
     assert "coverage" in project_report.render_html(report)
