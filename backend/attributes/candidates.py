@@ -12,7 +12,8 @@ labels: today's zero-shot model), nearest class mean, standardised logistic regr
 spreading over a k-nearest-neighbour graph of all the project's faces. Every learner z-scores its view
 with the mean and spread of all the project's faces (no labels involved, so shared by all folds).
 What an attribute is predicted by is a committee of the few that cross-validate best
-(backend.attributes.selection.choose), each on its own view. No pickles in the state: arrays and JSON-able parameters only.
+(backend.attributes.selection.choose), each on its own view. No pickles in the state: arrays and
+JSON-able parameters only.
 """
 from __future__ import annotations
 
