@@ -1,0 +1,161 @@
+"""The labelling loop replayed in-process, many times over: is the advised order ahead of random?
+
+    python bench/loop.py --embed-only --export /tmp/loop-faces.npz     # once: the collection's faces
+    python bench/loop_replay.py /tmp/loop-faces.npz [--random-seeds 0,1,2,3] [--subsets 3]
+                                [--rounds 16,32,64,128] [--json out.json]
+
+bench/loop.py is the yardstick: the backend's real path (Redis, workers, webhooks, refits), one
+advised and one random order, ~30 minutes. One random permutation is one draw, though: on the
+default collection four permutations' figures spread by up to 40 points in a cell (age_group at 128
+tasks shown on 58 % to 86 % of the faces), so "ahead of random" judged against one draw is mostly
+luck. This replays the same protocol on the exported faces (one face per task, the one
+bench/loop.py labels) through the same functions the refit worker runs (fit_project, then
+ProjectModel.predict), in seconds a round, so the advised order can be set against random's mean
+over several permutations, on the full collection and on random 85 % subsets of it.
+
+With the full collection and random seed 0 it reproduces bench/loop.py's table figure for figure
+(checked at the code of this commit). Per round and attribute, as bench/loop.py: shown (accuracy
+of the values shown), cover (share of the unlabelled labelled faces given a value), and the gain
+the comparison is made on, cover x shown (the share of faces rightly pre-annotated).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from backend.attributes.project_model import Clusterings, fit_project  # noqa: E402
+from backend.labeling_config import default_config_xml, parse  # noqa: E402
+
+ATTRIBUTES = ("gender", "age_group", "skin", "glasses", "emotion")
+EMOTION_SCORED = ("happiness", "neutral")
+SUBSET_SHARE = 0.85
+
+
+def scored(name: str, value: str) -> bool:
+    return bool(value) and (name != "emotion" or value in EMOTION_SCORED)
+
+
+def load(path: Path, config):
+    """(views {view: (n, d)}, truth {attribute: (n,) value or ""}) of an export of bench/loop.py."""
+    with np.load(path, allow_pickle=False) as z:
+        views = {k[len("view_"):]: z[k].astype(np.float64) for k in z.files if k.startswith("view_")}
+        truth = {a.name: np.array([v if v in a.values else "" for v in z[a.name]], dtype=object)
+                 if a.name in z.files else np.full(len(views["vector"]), "", dtype=object)
+                 for a in config.attributes}
+    return views, truth
+
+
+def figures(faces, truth: dict, labelled: np.ndarray) -> dict:
+    """Per attribute: shown, cover, gain and the majority rate over the unlabelled scored faces."""
+    out = {}
+    for name in ATTRIBUTES:
+        t = truth[name]
+        m = np.array([scored(name, v) for v in t]) & ~labelled
+        shown = np.array([f.values.get(name, (None, 0.0))[0] for f in faces], dtype=object)
+        given = m & np.array([v is not None for v in shown])
+        right = given & (shown == t)
+        n = int(m.sum())
+        out[name] = {"n": n, "shown": right.sum() / given.sum() if given.any() else None,
+                     "cover": given.sum() / n if n else None, "gain": right.sum() / n if n else None,
+                     "majority": Counter(t[m]).most_common(1)[0][1] / n if n else None}
+    return out
+
+
+def replay(views: dict, truth: dict, config, rounds: list[int], order: str, seed: int = 0) -> list[dict]:
+    """One project through the rounds: label the next tasks in the order, refit, score the rest.
+    order: "score" (the teaching score, highest first, as the Data Manager sorts) or "random"
+    (the permutation of `seed`, as bench/loop.py draws it)."""
+    n = len(views["vector"])
+    keys = [f"{i}:0" for i in range(n)]
+    clusterings = Clusterings()
+    model = fit_project(views, {}, config, clusterings, keys=keys)
+    permutation = list(np.random.default_rng(seed).permutation(n))
+    labelled: list[int] = []
+    lines = []
+    for r in rounds:
+        done = set(labelled)
+        if order == "score":
+            rank = np.array([model.order.get(k, 0.0) for k in keys])
+            todo = [int(i) for i in np.lexsort((np.arange(n), -rank)) if int(i) not in done]
+        else:
+            todo = [int(i) for i in permutation if int(i) not in done]
+        labelled += todo[: r - len(labelled)]
+        mask = np.zeros(n, bool)
+        mask[labelled] = True
+        labels = {name: np.array([v if (mask[i] and v) else None for i, v in enumerate(t)], dtype=object)
+                  for name, t in truth.items()}
+        model = fit_project(views, labels, config, clusterings, keys=keys)
+        lines.append({"order": order, "seed": seed, "labelled": r,
+                      "figures": figures(model.predict(views, keys), truth, mask)})
+    return lines
+
+
+def _pct(v) -> str:
+    return "  —  " if v is None else f"{100 * v:5.1f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("faces", type=Path, help="an export of bench/loop.py (--export)")
+    ap.add_argument("--rounds", default="16,32,64,128")
+    ap.add_argument("--random-seeds", default="0,1,2,3")
+    ap.add_argument("--subsets", type=int, default=3, help="random 85 %% subsets besides the whole")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    config = parse(default_config_xml())
+    views_all, truth_all = load(args.faces, config)
+    rounds = [int(x) for x in args.rounds.split(",")]
+    seeds = [int(x) for x in args.random_seeds.split(",")]
+    n_all = len(views_all["vector"])
+    datasets = [("whole", np.arange(n_all))] + [
+        (f"subset {s}", np.sort(np.random.default_rng(s).choice(n_all, int(SUBSET_SHARE * n_all),
+                                                                 replace=False)))
+        for s in range(args.subsets)]
+    results, cells, behind_mean, behind_draws, below = [], 0, [], 0, []
+    for name, idx in datasets:
+        views = {k: v[idx] for k, v in views_all.items()}
+        truth = {k: v[idx] for k, v in truth_all.items()}
+        advised = replay(views, truth, config, rounds, "score")
+        randoms = [replay(views, truth, config, rounds, "random", s) for s in seeds]
+        results.append({"dataset": name, "faces": len(idx), "score": advised, "random": randoms})
+        print(f"\n{name} ({len(idx)} faces)\n  tasks attribute advised shown / cover   random mean "
+              f"shown / cover   (its gain, min - max over {len(seeds)} permutations)")
+        for i, line in enumerate(advised):
+            cols = []
+            for a in ATTRIBUTES:
+                f = line["figures"][a]
+                rs = [rnd[i]["figures"][a] for rnd in randoms]
+                gains = [x["gain"] for x in rs]
+                mean = lambda key: (np.mean([x[key] for x in rs if x[key] is not None])
+                                    if any(x[key] is not None for x in rs) else None)
+                cols.append(f"{a:9s} {_pct(f['shown'])} / {_pct(f['cover'])}   {_pct(mean('shown'))} / "
+                            f"{_pct(mean('cover'))}   ({_pct(min(gains))} - {_pct(max(gains))})")
+                cells += 1
+                behind_draws += sum(f["gain"] < g for g in gains)
+                if f["gain"] < np.mean(gains) - 1e-12:
+                    behind_mean.append((name, line["labelled"], a, round(100 * f["gain"], 1),
+                                        round(100 * float(np.mean(gains)), 1)))
+                for order, x in [("score", f)] + [("random", x) for x in rs]:
+                    if x["shown"] is not None and x["shown"] < x["majority"]:
+                        below.append((name, order, line["labelled"], a))
+            print(f"  {line['labelled']:4d}  " + "\n        ".join(cols))
+    print(f"\nadvised order behind random's mean gain (cover x shown): {len(behind_mean)} of {cells} "
+          f"cells; behind single permutations: {behind_draws} of {cells * len(seeds)}")
+    for b in behind_mean:
+        print(f"  {b[0]}, {b[1]} tasks, {b[2]}: {b[3]} vs {b[4]}")
+    print(f"shown below the majority baseline: {below or 'never'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
