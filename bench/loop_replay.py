@@ -33,14 +33,9 @@ import numpy as np  # noqa: E402
 
 from backend.attributes.project_model import Clusterings, fit_project  # noqa: E402
 from backend.labeling_config import default_config_xml, parse  # noqa: E402
+from bench.loop import ATTRIBUTES, _pct, scored  # noqa: E402
 
-ATTRIBUTES = ("gender", "age_group", "skin", "glasses", "emotion")
-EMOTION_SCORED = ("happiness", "neutral")
 SUBSET_SHARE = 0.85
-
-
-def scored(name: str, value: str) -> bool:
-    return bool(value) and (name != "emotion" or value in EMOTION_SCORED)
 
 
 def load(path: Path, config):
@@ -96,10 +91,6 @@ def replay(views: dict, truth: dict, config, rounds: list[int], order: str, seed
         lines.append({"order": order, "seed": seed, "labelled": r,
                       "figures": figures(model.predict(views, keys), truth, mask)})
     return lines
-
-
-def _pct(v) -> str:
-    return "  —  " if v is None else f"{100 * v:5.1f}"
 
 
 def main() -> int:
