@@ -3,7 +3,7 @@ whose clusters carry a signal for one attribute and none for another."""
 import numpy as np
 import pytest
 
-from backend.attributes.abstention import Gate, wilson_lower
+from backend.attributes.abstention import MIN_SHOWN, Gate, wilson_lower
 from backend.attributes.project_model import Clusterings, fit_project
 from backend.labeling_config import parse
 
@@ -21,11 +21,21 @@ def test_nine_right_of_nine_does_not_beat_a_two_thirds_majority():
     """9 held-out answers, all right, on labels 6:3: the lower bound (0.77) clears 0.67, but a
     baseline near it is not beaten by luck: 9/9 against a 0.8 majority stays closed."""
     y = np.array(["no"] * 6 + ["yes"] * 3, dtype=object)
-    gate = Gate.fit(y, y, np.full(9, 0.9))
+    gate = Gate.fit(y, y, np.full(9, 0.9), min_shown=9)
     assert gate.open and gate.lower_bound == pytest.approx(wilson_lower(9, 9))
     y = np.array(["no"] * 8 + ["yes"] * 2, dtype=object)
-    closed = Gate.fit(y[:9], y[:9], np.full(9, 0.9))
+    closed = Gate.fit(y[:9], y[:9], np.full(9, 0.9), min_shown=9)
     assert not closed.open and not closed.show([0.99]).any()
+
+
+def test_a_threshold_needs_min_shown_held_out_faces():
+    """All right on balanced labels, a bound far above the majority: 11 faces are still too few to
+    open on (MIN_SHOWN = 12), 12 are enough."""
+    assert MIN_SHOWN == 12
+    for m, opens in ((11, False), (12, True)):
+        y = np.array(["no", "yes"] * 6, dtype=object)[:m]
+        gate = Gate.fit(y, y, np.full(m, 0.9))
+        assert wilson_lower(m, m) > 0.75 and gate.open is opens
 
 
 def test_threshold_shows_the_sure_faces_only():

@@ -21,19 +21,30 @@ from tests.backend.helpers import TWO_ATTRIBUTES, group_vectors, ls_annotation, 
 BOX = (20, 40, 120, 160)   # where CachedPhotos puts a photo's first face
 
 
-@pytest.fixture
-def project(cached_photos, redis_conn, centres):
-    """12 one-face photos: tasks 1-6 'male' (group 0), 7-12 'female' (group 1); tasks 1 and 7 hold
-    each group's exact centre."""
+def _project(cached_photos, redis_conn, centres, per_group):
+    """2 x per_group one-face photos: tasks 1..per_group 'male' (group 0), the rest 'female'
+    (group 1); tasks 1 and per_group + 1 hold each group's exact centre."""
     rng = np.random.default_rng(3)
-    vectors = np.concatenate([centres[0][None], group_vectors(rng, centres[0], 5),
-                              centres[1][None], group_vectors(rng, centres[1], 5)])
+    vectors = np.concatenate([centres[0][None], group_vectors(rng, centres[0], per_group - 1),
+                              centres[1][None], group_vectors(rng, centres[1], per_group - 1)])
     tasks = [{"id": i + 1, "data": {"image": cached_photos.photo(v)}, "annotations": [],
               "predictions": []} for i, v in enumerate(vectors)]
     model = SubdiscModel(redis_conn, queue_name="subdisc-test")
     model.setup("1.1714000000", TWO_ATTRIBUTES, "http://ls.invalid:8080", "secret")
-    truth = {t["id"]: ("male" if t["id"] <= 6 else "female") for t in tasks}
+    truth = {t["id"]: ("male" if t["id"] <= per_group else "female") for t in tasks}
     return model, tasks, truth
+
+
+@pytest.fixture
+def project(cached_photos, redis_conn, centres):
+    """16 photos, 8 per group: 12 confirmations (the held-out faces a gate needs) leave 4 others."""
+    return _project(cached_photos, redis_conn, centres, 8)
+
+
+@pytest.fixture
+def small_project(cached_photos, redis_conn, centres):
+    """12 photos, 6 per group: 3 diversity clusters, one holding each group's exact centre."""
+    return _project(cached_photos, redis_conn, centres, 6)
 
 
 def confirm(model, task, aid, gender, updated="2024-05-01T10:00:00Z", action="ANNOTATION_CREATED"):
@@ -45,8 +56,8 @@ def values(prediction, name):
     return [r["value"]["choices"][0] for r in prediction["result"] if r["from_name"] == name]
 
 
-def test_before_confirmations_boxes_only_and_cluster_centres_first(project):
-    model, tasks, truth = project
+def test_before_confirmations_boxes_only_and_cluster_centres_first(small_project):
+    model, tasks, truth = small_project
     results = model.predict(tasks, "1.1714000000")
     version = model.model_version(1)
     assert version.startswith("subdisc-1-") and version != no_model_version(parse(TWO_ATTRIBUTES))
@@ -60,8 +71,8 @@ def test_before_confirmations_boxes_only_and_cluster_centres_first(project):
     assert len({r["score"] for r in results}) == len(results)
 
 
-FOUR = [0, 1, 6, 7]
-MORE = [2, 3, 8, 9]
+FOUR = [0, 1, 8, 9]
+MORE = [2, 3, 4, 5, 10, 11, 12, 13]   # with FOUR, the 12 held-out faces a gate needs (MIN_SHOWN)
 
 
 def test_confirmations_name_the_clusters_and_bump_the_version(project, redis_conn):
@@ -94,7 +105,7 @@ def test_confirmations_name_the_clusters_and_bump_the_version(project, redis_con
         assert LabelInterface(TWO_ATTRIBUTES).validate_prediction(r, return_errors=True) == []
     info = ProjectState(redis_conn, 1).load_model()[1]["info"]
     assert info["gender"]["status"] == "shown" and info["glasses"]["status"] == "collecting"
-    assert info["gender"]["confirmations"] == {"male": 4, "female": 4}
+    assert info["gender"]["confirmations"] == {"male": 6, "female": 6}
     assert info["gender"]["selection"]["scores"]["accuracy"] == 1.0
     assert info["gender"]["coverage"] == 1.0   # the 4 faces not confirmed all get a value
 
@@ -110,17 +121,18 @@ def test_confirmations_name_the_clusters_and_bump_the_version(project, redis_con
     # Deleting the male confirmations leaves one value: back to boxes only, a new version.
     deleted = model.record_event("ANNOTATIONS_DELETED", {"action": "ANNOTATIONS_DELETED",
                                                          "annotations": [{"id": a} for a in
-                                                                         (100, 101, 104, 105)],
+                                                                         (100, 101, 104, 105,
+                                                                          106, 107)],
                                                          "project": {"id": 1}})
-    assert deleted["changed"] == 4
+    assert deleted["changed"] == 6
     model.refit(1)
     assert model.model_version(1) not in (v1, v2)
     assert all(values(r, "gender") == [] for r in model.predict(tasks, 1))
 
 
 def test_cross_validated_scores_match_a_hand_computation(project, redis_conn):
-    """All 12 faces confirmed, one 'male' face labelled 'female': whatever the folds, every held-out
-    face gets its group's name, so the mislabelled one alone is wrong: 11/12."""
+    """All 16 faces confirmed, one 'male' face labelled 'female': whatever the folds, every held-out
+    face gets its group's name, so the mislabelled one alone is wrong: 15/16."""
     model, tasks, truth = project
     model.predict(tasks, 1)
     for i, task in enumerate(tasks):
@@ -131,11 +143,11 @@ def test_cross_validated_scores_match_a_hand_computation(project, redis_conn):
     # All perfect but for the mislabel: the three simplest of the best, simplest first.
     assert sel["chosen"].startswith("committee:clusters:kmeans:2+"), sel["chosen"]
     assert all(sel["cv"][k] == max(sel["cv"].values()) for k in sel["chosen"][10:].split("+"))
-    assert sel["scores"]["accuracy"] == pytest.approx(11 / 12)
+    assert sel["scores"]["accuracy"] == pytest.approx(15 / 16)
     assert sel["scores"]["values"] == ["female", "male"]
-    assert sel["scores"]["confusion"] == [[6, 1], [0, 5]]
-    assert sel["scores"]["per_value"] == pytest.approx({"female": 6 / 7, "male": 1.0})
-    # 2k <= 12 faces; mixtures at k = 2 only; every supervised learner on every view.
+    assert sel["scores"]["confusion"] == [[8, 1], [0, 7]]
+    assert sel["scores"]["per_value"] == pytest.approx({"female": 8 / 9, "male": 1.0})
+    # 2k <= 16 faces; mixtures at k = 2 only; every supervised learner on every view.
     assert {"clusters:kmeans:2", "clusters:gmm:2", "clusters:kmeans:4", "mean:vector", "logreg:vector",
             "spread:vector"} <= set(sel["cv"])
 
@@ -247,8 +259,8 @@ def test_selection_prefers_the_clustering_that_predicts_held_out_labels():
 
 
 def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
-    """8 of 12 faces confirmed (4 per value), glasses never: gender is shown on the 4 others
-    (coverage 4/4), its held-out values were right 8 times of 8; glasses shows nothing (0/12)."""
+    """12 of 16 faces confirmed (6 per value), glasses never: gender is shown on the 4 others
+    (coverage 4/4), its held-out values were right 12 times of 12; glasses shows nothing (0/16)."""
     from backend import project_report
 
     model, tasks, truth = project
@@ -263,7 +275,7 @@ def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
     report = project_report.build(redis_conn, 1)
     g, gl = report["attributes"]["gender"], report["attributes"]["glasses"]
     assert shown == 4 and g["coverage"] == shown / len(others) == 1.0
-    assert g["status"] == "shown" and g["shown_accuracy"] == 8 / 8 and g["shown_coverage_cv"] == 1.0
+    assert g["status"] == "shown" and g["shown_accuracy"] == 12 / 12 and g["shown_coverage_cv"] == 1.0
     assert g["majority_baseline"] == 0.5
     assert gl["status"] == "collecting" and gl["coverage"] == 0.0
     assert sum(bool(values(r, "glasses")) for r in results) == 0

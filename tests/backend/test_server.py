@@ -307,10 +307,10 @@ def wait_for_report(backend, condition, timeout=60):
 
 def test_webhooks_refits_and_the_report_against_a_hand_computation(backend, redis_url, rq_workers,
                                                                   cached_photos, centres, tmp_path):
-    """12 faces in two groups (1-6 'male', 7-12 'female'); labelers confirm some, accept or change
+    """20 faces in two groups (1-10 'male', 11-20 'female'); labelers confirm some, accept or change
     some pre-annotations, replay and delete events. Every figure of the report is computed by hand."""
     rng = np.random.default_rng(5)
-    vectors = np.concatenate([group_vectors(rng, centres[0], 6), group_vectors(rng, centres[1], 6)])
+    vectors = np.concatenate([group_vectors(rng, centres[0], 10), group_vectors(rng, centres[1], 10)])
     tasks = [ls_task(i + 1, cached_photos.photo(v)) for i, v in enumerate(vectors)]
     by_id = {t["id"]: t for t in tasks}
     rq_workers.start(1)
@@ -340,62 +340,67 @@ def test_webhooks_refits_and_the_report_against_a_hand_computation(backend, redi
 
     # Round 1: two confirmations per value. Too few for held-out answers to beat guessing the
     # commonest value with confidence: the gate keeps gender silent (boxes only).
-    for aid, tid, gender in ((101, 1, "male"), (102, 2, "male"), (107, 7, "female"), (108, 8, "female")):
+    for aid, tid, gender in ((101, 1, "male"), (102, 2, "male"), (111, 11, "female"), (112, 12, "female")):
         assert send("ANNOTATION_CREATED", aid, tid, {"gender": gender}, "2024-05-01T10:00:00Z")["changed"] == 1
     v2 = refitted(v1)
-    assert shown_genders() == [[]] * 12
-    # Round 1b: four more (still no value shown to these labelers); now every face gets its value.
-    for aid, tid, gender in ((105, 5, "male"), (106, 6, "male"), (111, 11, "female"), (112, 12, "female")):
+    assert shown_genders() == [[]] * 20
+    # Round 1b: eight more (still no value shown to these labelers): 12 held-out faces, the fewest a
+    # gate opens on (MIN_SHOWN); now every face gets its value.
+    for aid, tid, gender in ((105, 5, "male"), (106, 6, "male"), (107, 7, "male"), (108, 8, "male"),
+                             (115, 15, "female"), (116, 16, "female"), (117, 17, "female"),
+                             (118, 18, "female")):
         assert send("ANNOTATION_CREATED", aid, tid, {"gender": gender}, "2024-05-01T11:00:00Z")["changed"] == 1
-    refitted(v2)
-    assert shown_genders() == [["male"]] * 6 + [["female"]] * 6
+    # A refit the first of these queued may run before the last arrives: wait for one over all 12.
+    wait_for_report(backend, lambda rep: rep["attributes"]["gender"]["confirmed"] == 12
+                    and not rep["refit_queued"] and rep["model_version"] != v2)
+    assert shown_genders() == [["male"]] * 10 + [["female"]] * 10
 
-    # Round 2: tasks 3, 4, 9 accepted as shown; task 10's "female" changed to "male"; task 3 also
+    # Round 2: tasks 3, 4, 13 accepted as shown; task 14's "female" changed to "male"; task 3 also
     # gets glasses (never shown). Then a replay, a stale update, and a deletion.
     send("ANNOTATION_CREATED", 103, 3, {"gender": "male", "glasses": "yes"}, "2024-05-02T10:00:00Z")
     send("ANNOTATION_CREATED", 104, 4, {"gender": "male"}, "2024-05-02T10:00:00Z")
-    send("ANNOTATION_CREATED", 109, 9, {"gender": "female"}, "2024-05-02T10:00:00Z")
-    send("ANNOTATION_CREATED", 110, 10, {"gender": "male"}, "2024-05-02T10:00:00Z")
+    send("ANNOTATION_CREATED", 113, 13, {"gender": "female"}, "2024-05-02T10:00:00Z")
+    send("ANNOTATION_CREATED", 114, 14, {"gender": "male"}, "2024-05-02T10:00:00Z")
     assert send("ANNOTATION_CREATED", 103, 3, {"gender": "male", "glasses": "yes"},
                 "2024-05-02T10:00:00Z")["changed"] == 0
-    assert send("ANNOTATION_UPDATED", 109, 9, {"gender": "male"}, "2024-05-02T09:00:00Z")["changed"] == 0
-    r = backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 108}],
+    assert send("ANNOTATION_UPDATED", 113, 13, {"gender": "male"}, "2024-05-02T09:00:00Z")["changed"] == 0
+    r = backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 112}],
                                   "project": {"id": 1}})
     assert r.json()["changed"] == 1
 
-    report = wait_for_report(backend, lambda rep: rep["attributes"]["gender"]["confirmed"] == 11
+    report = wait_for_report(backend, lambda rep: rep["attributes"]["gender"]["confirmed"] == 15
                              and not rep["refit_queued"])
     gender = report["attributes"]["gender"]
-    # Confirmed: male 1, 2, 3, 4, 5, 6, 10; female 7, 9, 11, 12 (8 deleted).
-    assert gender["confirmations"] == {"male": 7, "female": 4}
-    # Shown with a value and then confirmed: tasks 3, 4, 9, 10; kept as is: 3, 4, 9.
+    # Confirmed: male 1-8, 14; female 11, 13, 15-18 (12 deleted).
+    assert gender["confirmations"] == {"male": 9, "female": 6}
+    # Shown with a value and then confirmed: tasks 3, 4, 13, 14; kept as is: 3, 4, 13.
     assert (gender["shown"], gender["accepted"]) == (4, 3) and gender["accepted_rate"] == 0.75
     # Held out, every candidate learns group 1 = male and group 2 = female from the other folds,
-    # so only task 10 (a group-2 face confirmed "male") is wrong.
+    # so only task 14 (a group-2 face confirmed "male") is wrong.
     assert gender["status"] == "shown"
-    assert gender["accuracy"] == pytest.approx(10 / 11)
-    assert gender["confusion_values"] == ["female", "male"] and gender["confusion"] == [[4, 0], [1, 6]]
-    assert gender["per_value"] == pytest.approx({"female": 1.0, "male": 6 / 7})
-    assert gender["balanced_accuracy"] == pytest.approx((1 + 6 / 7) / 2)
-    assert gender["majority_baseline"] == pytest.approx(7 / 11)
+    assert gender["accuracy"] == pytest.approx(14 / 15)
+    assert gender["confusion_values"] == ["female", "male"] and gender["confusion"] == [[6, 0], [1, 8]]
+    assert gender["per_value"] == pytest.approx({"female": 1.0, "male": 8 / 9})
+    assert gender["balanced_accuracy"] == pytest.approx((1 + 8 / 9) / 2)
+    assert gender["majority_baseline"] == pytest.approx(9 / 15)
     glasses = report["attributes"]["glasses"]
     assert glasses["status"] == "collecting" and glasses["confirmations"] == {"yes": 1}
     assert (glasses["shown"], glasses["accepted"]) == (0, 0)
-    # History, refit after refit: nothing confirmed, then 4 (silent), 8 (shown), then 11.
+    # History, refit after refit: nothing confirmed, then 4 (silent), 12 (shown), then 15.
     hist = gender["history"]
     assert hist[0]["confirmations"] == 0 and hist[0]["accuracy"] is None
-    assert any(h["confirmations"] == 4 for h in hist) and any(h["confirmations"] == 8 for h in hist)
-    assert hist[-1]["confirmations"] == 11 and hist[-1]["accuracy"] == pytest.approx(10 / 11)
+    assert any(h["confirmations"] == 4 for h in hist) and any(h["confirmations"] == 12 for h in hist)
+    assert hist[-1]["confirmations"] == 15 and hist[-1]["accuracy"] == pytest.approx(14 / 15)
     assert (hist[-1]["shown"], hist[-1]["accepted"]) == (4, 3)
 
     page = backend.get("/report.html?project=1")
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-    assert page.text.count("<img") == 2 and "90.9%" in page.text
+    assert page.text.count("<img") == 2 and "93.3%" in page.text
     cli = subprocess.run([sys.executable, "-m", "backend.cli", "report", "--project", "1",
                           "--redis", redis_url, "--html", str(tmp_path / "r.html")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
-    assert "3/4 (75.0%)" in cli.stdout and "90.9%" in cli.stdout
+    assert "3/4 (75.0%)" in cli.stdout and "93.3%" in cli.stdout
     assert (tmp_path / "r.html").read_text().count("<img") == 2
 
 
