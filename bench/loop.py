@@ -145,29 +145,30 @@ def wait_jobs(r: redis.Redis, ids: list[str], stack: Stack, timeout: float = 900
             time.sleep(0.2)
 
 
+def value_figures(truths: list[str], shown: list[str | None]) -> dict:
+    """Figures of one attribute over its scored faces: truths, and the value shown on each face
+    (None = abstained): see the module doc; gain = right / n (the share rightly pre-annotated)."""
+    n = len(truths)
+    cover = sum(v is not None for v in shown)
+    right = sum(v is not None and v == t for t, v in zip(truths, shown))
+    return {"n": n, "shown": right / cover if cover else None, "cover": cover / n if n else None,
+            "wrong": (cover - right) / n if n else None, "gain": right / n if n else None,
+            "majority": Counter(truths).most_common(1)[0][1] / n if n else None}
+
+
 def evaluate(predictions: dict, rows: dict, labelled: set, config) -> dict:
     """Per attribute, figures over the unlabelled tasks' labelled faces (see the module doc)."""
     out = {}
     for name in ATTRIBUTES:
-        n = cover = right = 0
-        truths = []
+        truths, shown = [], []
         for tid, pred in predictions.items():
-            if tid in labelled:
-                continue
             t = rows[tid].get(name) or ""
-            if not scored(name, t):
+            if tid in labelled or not scored(name, t):
                 continue
             region, _ = labelled_region(pred)
-            v = shown_values(pred, region).get(name)
-            n += 1
             truths.append(t)
-            if v is not None:
-                cover += 1
-                right += int(v == t)
-        majority = Counter(truths).most_common(1)[0][1] / n if n else None
-        out[name] = {"n": n, "shown": right / cover if cover else None,
-                     "cover": cover / n if n else None,
-                     "wrong": (cover - right) / n if n else None, "majority": majority}
+            shown.append(shown_values(pred, region).get(name))
+        out[name] = value_figures(truths, shown)
     return out
 
 

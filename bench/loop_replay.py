@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from backend.attributes.project_model import Clusterings, fit_project  # noqa: E402
 from backend.labeling_config import default_config_xml, parse  # noqa: E402
-from bench.loop import ATTRIBUTES, _pct, scored  # noqa: E402
+from bench.loop import ATTRIBUTES, _pct, scored, value_figures  # noqa: E402
 
 SUBSET_SHARE = 0.85
 
@@ -49,18 +48,12 @@ def load(path: Path, config):
 
 
 def figures(faces, truth: dict, labelled: np.ndarray) -> dict:
-    """Per attribute: shown, cover, gain and the majority rate over the unlabelled scored faces."""
+    """Per attribute, bench/loop.py's figures over the unlabelled scored faces."""
     out = {}
     for name in ATTRIBUTES:
-        t = truth[name]
-        m = np.array([scored(name, v) for v in t]) & ~labelled
-        shown = np.array([f.values.get(name, (None, 0.0))[0] for f in faces], dtype=object)
-        given = m & np.array([v is not None for v in shown])
-        right = given & (shown == t)
-        n = int(m.sum())
-        out[name] = {"n": n, "shown": right.sum() / given.sum() if given.any() else None,
-                     "cover": given.sum() / n if n else None, "gain": right.sum() / n if n else None,
-                     "majority": Counter(t[m]).most_common(1)[0][1] / n if n else None}
+        rows = [i for i, v in enumerate(truth[name]) if scored(name, v) and not labelled[i]]
+        out[name] = value_figures([truth[name][i] for i in rows],
+                                  [faces[i].values.get(name, (None, 0.0))[0] for i in rows])
     return out
 
 
