@@ -38,6 +38,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def group(pid: int) -> int | None:
+    """pid's process group, or None once it has exited (a short-lived child listed a moment ago)."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def test_stop_ends_a_work_horse_in_its_own_process_group(redis_url, tmp_path):
     queue_name = "subdisc-horse-test"
     client = redis_lib.Redis.from_url(redis_url)
@@ -48,7 +56,7 @@ def test_stop_ends_a_work_horse_in_its_own_process_group(redis_url, tmp_path):
         (worker,) = stack.start_workers(1, redis_url, queue_name)
         for _ in range(600):
             job.refresh()
-            horses = [p for p in children(worker.proc.pid) if os.getpgid(p) != worker.proc.pid]
+            horses = [p for p in children(worker.proc.pid) if group(p) not in (None, worker.proc.pid)]
             if job.get_status() == "started" and horses:
                 horse = horses[0]
                 break
