@@ -63,6 +63,11 @@ def figures(faces, truth: dict, labelled: np.ndarray) -> dict:
     return out
 
 
+def behind(gain: float, others: list[float]) -> bool:
+    """Is one order's gain in a cell under the mean of the others' (equal within rounding: not)?"""
+    return bool(others) and gain < float(np.mean(others)) - 1e-12
+
+
 def replay(views: dict, truth: dict, config, rounds: list[int], order: str, seed: int = 0) -> list[dict]:
     """One project through the rounds: label the next tasks in the order, refit, score the rest.
     order: "score" (the teaching score, highest first, as the Data Manager sorts) or "random"
@@ -134,12 +139,11 @@ def main() -> int:
                 cells += 1
                 behind_draws += sum(f["gain"] < g for g in gains)
                 for j, g in enumerate(gains):
-                    others = gains[:j] + gains[j + 1:]
-                    loo_behind[j] += bool(others) and g < np.mean(others) - 1e-12
+                    loo_behind[j] += behind(g, gains[:j] + gains[j + 1:])
                 for order, xs in (("score", [f]), ("random", rs)):
                     totals[order][0] += np.mean([x["gain"] or 0.0 for x in xs])
                     totals[order][1] += np.mean([x["wrong"] or 0.0 for x in xs])
-                if f["gain"] < np.mean(gains) - 1e-12:
+                if behind(f["gain"], gains):
                     behind_mean.append((name, line["labelled"], a, round(100 * f["gain"], 1),
                                         round(100 * float(np.mean(gains)), 1)))
                 for order, x in [("score", f)] + [("random", x) for x in rs]:
