@@ -4,9 +4,10 @@ as is, the current model's cross-validated scores on the confirmed labels, and t
     report = build(redis, "12")       # JSON-able dict (served at /report?project=12)
     text(report), render_html(report) # `subdisc report --project 12`, /report.html?project=12
 
-Scores come from the last refit (the labels, folds and choice it made); `refit_queued` says whether
-newer confirmations are waiting for the next one. "Accepted as is" is counted on every annotation
-against what we had pre-annotated on its task when the annotation arrived.
+Scores come from the last refit (the labels, folds and choice it made); `refit_running` says whether
+one is under way (its figures will replace these), `refit_queued` whether newer confirmations are
+waiting for the next one. "Accepted as is" is counted on every annotation against what we had
+pre-annotated on its task when the annotation arrived.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def build(redis, project) -> dict:
         "annotations": len(entries), "label_stats": meta.get("label_stats", {}),
         "errors": dict(Counter(e["error"] for e in errors.values())),
         "error_examples": error_examples(errors),
-        "refit_queued": st.refit_queued(), "refits": len(history), "attributes": attributes})
+        "refit_running": st.refit_running(), "refit_queued": st.refit_queued(), "refits": len(history), "attributes": attributes})
 
 
 def error_examples(errors: dict[str, dict], per_kind: int = 5) -> dict[str, list[dict]]:
@@ -135,10 +136,18 @@ def confusion_table(a: dict):
     return header, [[v, *map(str, row)] for v, row in zip(values, a["confusion"])]
 
 
+def refits_pending(report: dict) -> str:
+    """What will change these figures: "a refit is running", "a refit is queued", both, or ""."""
+    running, queued = report.get("refit_running"), report.get("refit_queued")
+    if running and queued:
+        return "a refit is running, another is queued"
+    return "a refit is running" if running else "a refit is queued" if queued else ""
+
+
 def text(report: dict) -> str:
     parts = [f"project {report['project']}: model {report['model_version'] or '-'}, "
              f"{report['faces']} faces in {report['tasks']} tasks, {report['annotations']} annotations"
-             + (" (a refit is queued)" if report["refit_queued"] else ""),
+             + (f" ({pending})" if (pending := refits_pending(report)) else ""),
              "", format_text(summary_table(report))]
     for name, a in _named(report):
         parts += ["", f"{name}: confusion of held-out predictions ({a['folds']} folds, "
@@ -203,7 +212,7 @@ def render_html(report: dict) -> str:
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p>Model {html.escape(str(report['model_version']))}: {report['faces']} faces in "
             f"{report['tasks']} tasks, {report['annotations']} annotations"
-            + (", a refit is queued" if report["refit_queued"] else "") + ".</p>",
+            + (f", {pending}" if (pending := refits_pending(report)) else "") + ".</p>",
             format_html(summary_table(report))]
     for caption, png in (("accuracy and confirmations, refit after refit", plot_history(report)),
                          ("current model: held-out predictions vs confirmations", plot_confusions(report))):

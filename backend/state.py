@@ -352,6 +352,10 @@ class ProjectState:
     def refit_queued(self) -> bool:
         return bool(self.redis.exists(self.key("refit_queued")))
 
+    def refit_running(self) -> bool:
+        """A refit holds the lock (or its killed holder's lock has not lapsed yet)."""
+        return bool(self.redis.exists(self.key("lock:refit")))
+
     def want_refit(self) -> None:
         """A refit gave up waiting for the lock: the holder queues another when it is done."""
         self.redis.set(self.key("refit_wanted"), repr(time.time()), ex=24 * 3600)

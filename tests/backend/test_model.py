@@ -287,3 +287,15 @@ def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
     members = g["chosen"].split(":", 1)[1].split("+")
     assert g["algo"] == "committee" and "mean of " + ", ".join(members) in line
     assert "coverage" in project_report.render_html(report)
+    # The confirmations queued refits no worker runs here; while one runs as well, the report
+    # says both (its figures are about to change).
+    assert report["refit_queued"] and not report["refit_running"]
+    assert text.splitlines()[0].endswith("(a refit is queued)")
+    with ProjectState(redis_conn, 1).refit_lock(ttl=5.0, wait=0.1):
+        report = project_report.build(redis_conn, 1)
+    assert report["refit_running"] and report["refit_queued"]
+    assert project_report.text(report).splitlines()[0].endswith("(a refit is running, another is queued)")
+    ProjectState(redis_conn, 1).refit_started()
+    report = project_report.build(redis_conn, 1)
+    assert not report["refit_queued"] and "refit is" not in project_report.text(report).splitlines()[0]
+    assert "refit is" not in project_report.render_html(report)

@@ -110,6 +110,16 @@ def test_the_refit_lock_is_renewed_while_held_and_short_lived(redis_conn):
     assert not redis_conn.exists(LOCK)           # released at the end
 
 
+def test_a_running_refit_is_told_from_a_queued_one(redis_conn):
+    st = ProjectState(redis_conn, "10")
+    assert not st.refit_running() and not st.refit_queued()
+    with st.refit_lock(ttl=5.0, wait=0.1):
+        assert st.refit_running() and not st.refit_queued()
+        st.claim_refit()
+        assert st.refit_running() and st.refit_queued()
+    assert not st.refit_running() and st.refit_queued()
+
+
 def test_a_dead_holders_lock_lapses_within_its_ttl(redis_conn):
     # A holder killed outright leaves its key behind, as a lock restored from the AOF does.
     redis_conn.set(LOCK, "token-of-a-dead-process", px=1500)
