@@ -73,7 +73,8 @@ def build(redis, project) -> dict:
         "annotations": len(entries), "label_stats": meta.get("label_stats", {}),
         "errors": dict(Counter(e["error"] for e in errors.values())),
         "error_examples": error_examples(errors),
-        "refit_running": st.refit_running(), "refit_queued": st.refit_queued(), "refits": len(history), "attributes": attributes})
+        "refit_running": st.refit_running(), "refit_queued": st.refit_queued(),
+        "refits": len(history), "attributes": attributes})
 
 
 def error_examples(errors: dict[str, dict], per_kind: int = 5) -> dict[str, list[dict]]:
