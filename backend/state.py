@@ -353,7 +353,9 @@ class ProjectState:
         return bool(self.redis.exists(self.key("refit_queued")))
 
     def refit_running(self) -> bool:
-        """A refit holds the lock (or its killed holder's lock has not lapsed yet)."""
+        """A refit holds the lock (or its killed holder's lock has not lapsed yet). A refit job
+        that is still reconciling with Label Studio before it takes the lock (backend/refit.py) is
+        neither queued nor running by these two: its confirmations are not read yet."""
         return bool(self.redis.exists(self.key("lock:refit")))
 
     def want_refit(self) -> None:

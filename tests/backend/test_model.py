@@ -294,7 +294,8 @@ def test_report_coverage_and_accuracy_when_shown_by_hand(project, redis_conn):
     with ProjectState(redis_conn, 1).refit_lock(ttl=5.0, wait=0.1):
         report = project_report.build(redis_conn, 1)
     assert report["refit_running"] and report["refit_queued"]
-    assert project_report.text(report).splitlines()[0].endswith("(a refit is running, another is queued)")
+    first_line = project_report.text(report).splitlines()[0]
+    assert first_line.endswith("(a refit is running, another is queued)")
     ProjectState(redis_conn, 1).refit_started()
     report = project_report.build(redis_conn, 1)
     assert not report["refit_queued"] and "refit is" not in project_report.text(report).splitlines()[0]
