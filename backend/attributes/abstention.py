@@ -4,8 +4,8 @@
     gate = Gate.fit(choice.y, choice.pred,    # right or wrong: the nested CV's held-out predictions
                     choice.own_conf,          # confidence: the chosen model's own held-out fits
                     prevalence=prevalence)    # the values' shares among the faces
-    gate.open, gate.threshold, gate.calibrated(conf)         # show a face's value iff open and
-                                                             # calibrated(conf) >= gate.threshold
+    gate.open, gate.threshold, gate.cut, gate.calibrated(conf)
+    gate.show(conf)          # (m,) bool: open and conf >= gate.cut (the threshold, on raw confidence)
 
 An attribute is pre-annotated only while its chosen model beats always guessing the commonest value
 *of the project's faces* with confidence: among the held-out faces it would show (raw confidence
@@ -29,7 +29,9 @@ over the (weighted) held-out faces (a wrong value a labeler accepts costs more t
 saves), so a value is shown only where the model is about WRONG_COST / (1 + WRONG_COST) sure or
 better. The calibrated probability (isotonic regression of held-out correctness on confidence,
 weighted alike) is the score Label Studio shows beside the value; the threshold is kept on that
-scale.
+scale. On the raw confidences of the project's faces it becomes a cut (Gate.cut): midway between
+the least sure held-out face it shows and the surest one it does not, and no lower than the least
+sure held-out face (nothing shown where the model is less sure than on any face it was checked on).
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class Gate:
     n: int = 0
     curve_x: list[float] = field(default_factory=list)   # isotonic calibration knots
     curve_y: list[float] = field(default_factory=list)
+    cut: float | None = None               # raw confidence a face needs to be shown
 
     def calibrated(self, conf) -> np.ndarray:
         conf = np.asarray(conf, np.float64)
@@ -84,8 +87,12 @@ class Gate:
         return np.interp(conf, self.curve_x, self.curve_y)
 
     def show(self, conf) -> np.ndarray:
-        """(m,) bool: which faces get their value shown."""
-        return self.open & (self.calibrated(conf) >= self.threshold - 1e-12)
+        """(m,) bool: which faces get their value shown: raw confidence >= cut."""
+        conf = np.asarray(conf, np.float64)
+        if self.cut is None:
+            # A gate stored before `cut` existed: its threshold on the calibrated scale.
+            return self.open & (self.calibrated(conf) >= self.threshold - 1e-12)
+        return self.open & (conf >= self.cut)
 
     @classmethod
     def fit(cls, y, pred, conf, wrong_cost: float = WRONG_COST, prevalence=None,
@@ -145,17 +152,32 @@ class Gate:
         if best is not None and best[0] > 0:
             _, gate.threshold, gate.shown_accuracy, gate.coverage, gate.lower_bound = best
             gate.open = True
+            gate.cut = _cut(knots, np.round(iso.predict(knots), 12), gate.threshold)
         return gate
 
     def to_dict(self) -> dict:
         return {"open": self.open, "threshold": self.threshold, "majority": self.majority,
                 "accuracy": self.accuracy, "shown_accuracy": self.shown_accuracy,
                 "coverage": self.coverage, "lower_bound": self.lower_bound, "n": self.n,
-                "curve_x": self.curve_x, "curve_y": self.curve_y}
+                "curve_x": self.curve_x, "curve_y": self.curve_y, "cut": self.cut}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Gate":
         return cls(**d) if d else cls()
+
+
+def _cut(knots: np.ndarray, levels: np.ndarray, threshold: float) -> float:
+    """The raw confidence from which faces are shown, given the held-out confidences (knots, sorted)
+    and their calibrated levels: midway between the least sure held-out face whose level clears
+    the threshold and the surest one below it. The held-out faces say nothing about where in that
+    gap the cut lies, and its middle is the choice that assumes least (a decision stump's); the
+    calibration curve, interpolated, would put it at the gap's top. With none below, the least sure
+    held-out face: no value is shown where the model is less sure than on any face it was checked on.
+    """
+    above = levels >= threshold - 1e-12
+    low = float(knots[above].min())
+    below = knots[knots < low]
+    return (float(below.max()) + low) / 2 if len(below) else low
 
 
 def population_prevalence(values, confirmed, predicted, strata=None, labelled=None) -> dict:

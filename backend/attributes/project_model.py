@@ -15,8 +15,8 @@ Per attribute, the states (info[attribute]["status"]):
     backend.attributes.selection.choose), and the nested held-out predictions of choosing so
     open the gate (backend.attributes.abstention): it beats the majority baseline of the project's
     faces (estimated from every face, not the balanced confirmations alone) with confidence.
-    A face's value is shown only when its calibrated probability clears the gate's threshold; other
-    faces keep their box and an empty choice;
+    A face's value is shown only when its confidence clears the gate's cut (its threshold, set on
+    held-out faces); other faces keep their box and an empty choice;
   * "silent": a model was chosen but its held-out predictions do not beat always guessing the
     commonest value with confidence: nothing is shown for this attribute;
   * "prior": no two values confirmed yet, but the saved centroid model (SUBDISC_PRIOR) knows the

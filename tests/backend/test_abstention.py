@@ -53,6 +53,26 @@ def test_threshold_shows_the_sure_faces_only():
     assert gate.calibrated([0.55])[0] == pytest.approx(0.5)
 
 
+def test_the_cut_lies_midway_between_held_out_faces_and_not_below_the_least_sure():
+    """Held out: sure answers (0.9) right, unsure ones (0.6) a coin toss. The calibration curve,
+    interpolated, would show only faces at 0.9 or above; the cut is midway, 0.75. When every
+    held-out face is shown (all right, 0.7 to 0.9), a face less sure than 0.7 is not."""
+    y = np.array(["a", "b"] * 40, dtype=object)
+    conf = np.r_[np.full(40, 0.9), np.full(40, 0.6)]
+    pred = y.copy()
+    pred[40::2] = "b"                      # 20 of the 40 unsure ones wrong
+    gate = Gate.fit(y, pred, conf)
+    assert gate.open and gate.cut == pytest.approx(0.75)
+    assert gate.calibrated([0.8])[0] < gate.threshold       # the curve alone would hide 0.8
+    assert list(gate.show([0.95, 0.8, 0.76, 0.74, 0.6])) == [True, True, True, False, False]
+    everywhere = Gate.fit(y, y, np.linspace(0.7, 0.9, 80))
+    assert everywhere.open and everywhere.coverage == 1.0 and everywhere.cut == pytest.approx(0.7)
+    assert list(everywhere.show([0.69, 0.7, 0.99])) == [False, True, True]
+    # A gate stored before the cut existed keeps its threshold on the calibrated scale.
+    old = Gate.from_dict({k: v for k, v in gate.to_dict().items() if k != "cut"})
+    assert old.cut is None and list(old.show([0.95, 0.8])) == [True, False]
+
+
 def test_an_attribute_without_signal_is_not_pre_annotated_and_one_with_signal_is():
     """Two groups (gender follows them); glasses drawn at random: the same number of confirmations,
     gender is shown on every face, glasses on none."""
