@@ -44,7 +44,8 @@ import numpy as np
 Z = 1.645
 #: What a wrong value a labeler accepts costs, in right values. 3 (show only where ~75 % sure) left
 #: age at 64 confirmations shown on 61 % of the faces at 95.5 % right; 2 (~67 % sure) shows it on
-#: 74 % at 93.9 % (offline replay of bench/loop.py: README, "The labelling loop").
+#: 74 % at 93.9 % (offline replay of bench/loop.py, before the midway cut: README, "The labelling
+#: loop").
 WRONG_COST = 2.0
 #: Held-out (effective) faces a threshold must keep before its bound means anything. A teaching
 #: order's confirmations are no random sample (typical faces, likely faces of rare values), so on
