@@ -254,14 +254,17 @@ def test_confirmations_refit_and_report_match_a_hand_count(predicted):
         got = {t: latest_prediction(live, t) for t in rest}
         return got if all(p["model_version"] == version1 for p in got.values()) else None
     shown1 = wait_for(f"predictions of model {version1}", repredicted, live, every=2)
-    shown_count = accepted = corrected = 0
+    shown_count = accepted = corrected = abstained = 0
     for n, task in enumerate(rest):
         result = shown1[task]["result"]
         shown = shown_values(result, ATTRIBUTE)
-        assert shown, f"no {ATTRIBUTE} predicted on task {task} after a refit that named it"
         assert set(shown.values()) <= values
         face = main_face(result)
-        if n % 2 == 0:
+        if face["id"] not in shown:
+            # The model is less sure of this face than the gate allows: no value, the labeler sets it.
+            submitted = with_value(result, face, ATTRIBUTE, live.truth[live.tasks[task]])
+            abstained += 1
+        elif n % 2 == 0:
             submitted = result                             # accepted as is
         else:
             wrong = shown.get(face["id"])
@@ -274,6 +277,7 @@ def test_confirmations_refit_and_report_match_a_hand_count(predicted):
         accepted += sum(kept.get(rid) == v for rid, v in shown.items())
         confirmations.update(kept.values())
     assert corrected and accepted
+    assert abstained <= len(rest) // 2, f"{ATTRIBUTE} shown on {len(rest) - abstained} of {len(rest)} faces"
 
     final = wait_for_refit(live, sum(confirmations.values()))
     a = final["attributes"][ATTRIBUTE]
