@@ -36,7 +36,7 @@ sure held-out face (nothing shown where the model is less sure than on any face 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -79,7 +79,6 @@ class Gate:
     n: int = 0
     curve_x: list[float] = field(default_factory=list)   # isotonic calibration knots
     curve_y: list[float] = field(default_factory=list)
-    cut: float | None = None               # raw confidence a face needs to be shown
 
     def calibrated(self, conf) -> np.ndarray:
         conf = np.asarray(conf, np.float64)
@@ -87,13 +86,19 @@ class Gate:
             return np.zeros_like(conf)
         return np.interp(conf, self.curve_x, self.curve_y)
 
+    @property
+    def cut(self) -> float | None:
+        """The raw confidence a face needs to be shown (None while closed): the threshold carried
+        from the held-out faces' calibrated levels to their confidences (_cut)."""
+        if not self.open or not self.curve_x:
+            return None
+        return _cut(np.asarray(self.curve_x), np.asarray(self.curve_y), self.threshold)
+
     def show(self, conf) -> np.ndarray:
-        """(m,) bool: which faces get their value shown: raw confidence >= cut."""
+        """(m,) bool: which faces get their value shown: open and raw confidence >= cut."""
         conf = np.asarray(conf, np.float64)
-        if self.cut is None:
-            # A gate stored before `cut` existed: its threshold on the calibrated scale.
-            return self.open & (self.calibrated(conf) >= self.threshold - 1e-12)
-        return self.open & (conf >= self.cut)
+        cut = self.cut
+        return conf >= cut if cut is not None else np.zeros(conf.shape, bool)
 
     @classmethod
     def fit(cls, y, pred, conf, wrong_cost: float = WRONG_COST, prevalence=None,
@@ -153,18 +158,20 @@ class Gate:
         if best is not None and best[0] > 0:
             _, gate.threshold, gate.shown_accuracy, gate.coverage, gate.lower_bound = best
             gate.open = True
-            gate.cut = _cut(knots, np.round(iso.predict(knots), 12), gate.threshold)
         return gate
 
     def to_dict(self) -> dict:
         return {"open": self.open, "threshold": self.threshold, "majority": self.majority,
                 "accuracy": self.accuracy, "shown_accuracy": self.shown_accuracy,
                 "coverage": self.coverage, "lower_bound": self.lower_bound, "n": self.n,
-                "curve_x": self.curve_x, "curve_y": self.curve_y, "cut": self.cut}
+                "curve_x": self.curve_x, "curve_y": self.curve_y}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Gate":
-        return cls(**d) if d else cls()
+        # Only the fields a gate has: a stored key it no longer has (a derived `cut` was stored
+        # for a while) is not a reason to fail loading the project's model.
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names}) if d else cls()
 
 
 def _cut(knots: np.ndarray, levels: np.ndarray, threshold: float) -> float:

@@ -68,9 +68,11 @@ def test_the_cut_lies_midway_between_held_out_faces_and_not_below_the_least_sure
     everywhere = Gate.fit(y, y, np.linspace(0.7, 0.9, 80))
     assert everywhere.open and everywhere.coverage == 1.0 and everywhere.cut == pytest.approx(0.7)
     assert list(everywhere.show([0.69, 0.7, 0.99])) == [False, True, True]
-    # A gate stored before the cut existed keeps its threshold on the calibrated scale.
-    old = Gate.from_dict({k: v for k, v in gate.to_dict().items() if k != "cut"})
-    assert old.cut is None and list(old.show([0.95, 0.8])) == [True, False]
+    # The cut follows from what a gate stores: one read back shows the same faces.
+    stored = Gate.from_dict(gate.to_dict() | {"cut": 0.9})     # a key it no longer has: ignored
+    assert stored.cut == gate.cut and list(stored.show([0.8, 0.74])) == [True, False]
+    closed = Gate.fit(y[:9], y[:9], np.full(9, 0.9))
+    assert not closed.open and closed.cut is None and not closed.show([0.99]).any()
 
 
 def test_an_attribute_without_signal_is_not_pre_annotated_and_one_with_signal_is():
