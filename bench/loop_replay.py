@@ -21,8 +21,11 @@ the comparison is made on, cover x shown (the share of faces rightly pre-annotat
 Its noise floor is printed beside it: the same test between the random permutations themselves
 (each against the mean of the others). A cell that a gate opens in one draw and keeps shut in
 another swings by up to 95 points, so an order no better than random is behind in a share of the
-cells, not none: "ahead of random" means behind in fewer cells than that, and more right values
-and fewer wrong ones summed over all the cells (printed last).
+cells, not none, and counting cells cannot say whether it is ahead. What can: "ahead of random at
+every round for every attribute" in expectation. Per round and attribute, each dataset's advised
+gain is set against its permutations' mean, and the difference averaged over the datasets with its
+standard error (paired: the datasets are the draws); a cell behind by more than two standard
+errors is a real deficit, not noise. Last, the right and wrong values summed over all the cells.
 """
 from __future__ import annotations
 
@@ -66,6 +69,17 @@ def figures(faces, truth: dict, labelled: np.ndarray) -> dict:
 def behind(gain: float, others: list[float]) -> bool:
     """Is one order's gain in a cell under the mean of the others' (equal within rounding: not)?"""
     return bool(others) and gain < float(np.mean(others)) - 1e-12
+
+
+def expected_comparison(advised: np.ndarray, randoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, the advised order's gain minus random's expected gain, averaged over the datasets,
+    and that mean's standard error. advised: (datasets, cells) gains; randoms: (datasets,
+    permutations, cells). On each dataset random's expectation is the mean of its permutations;
+    the datasets are the draws (paired: one advised and one random mean each)."""
+    diff = advised - randoms.mean(axis=1)
+    se = (diff.std(axis=0, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1
+          else np.full(diff.shape[1], np.nan))
+    return diff.mean(axis=0), se
 
 
 def replay(views: dict, truth: dict, config, rounds: list[int], order: str, seed: int = 0) -> list[dict]:
@@ -115,6 +129,7 @@ def main() -> int:
                                                                  replace=False)))
         for s in range(args.subsets)]
     results, cells, behind_mean, behind_draws, below = [], 0, [], 0, []
+    gains_advised, gains_random = [], []       # (datasets, cells), (datasets, permutations, cells)
     # The comparison's noise floor: how often one permutation is behind the others' mean.
     loo_behind = [0] * len(seeds)
     totals = {"score": [0.0, 0.0], "random": [0.0, 0.0]}     # right, wrong (share of faces)
@@ -123,6 +138,9 @@ def main() -> int:
         truth = {k: v[idx] for k, v in truth_all.items()}
         advised = replay(views, truth, config, rounds, "score")
         randoms = [replay(views, truth, config, rounds, "random", s) for s in seeds]
+        gains_advised.append([line["figures"][a]["gain"] or 0.0 for line in advised for a in ATTRIBUTES])
+        gains_random.append([[line["figures"][a]["gain"] or 0.0 for line in rnd for a in ATTRIBUTES]
+                             for rnd in randoms])
         results.append({"dataset": name, "faces": len(idx), "score": advised, "random": randoms})
         print(f"\n{name} ({len(idx)} faces)\n  tasks attribute advised shown / cover   random mean "
               f"shown / cover   (its gain, min - max over {len(seeds)} permutations)")
@@ -157,6 +175,24 @@ def main() -> int:
     if len(seeds) > 1:
         print(f"the same test between random permutations (each against the others' mean): behind in "
               f"{min(loo_behind)} to {max(loo_behind)} of {cells} cells ({', '.join(map(str, loo_behind))})")
+    # Per round and attribute, in expectation: each dataset's advised gain against its random
+    # permutations' mean, averaged over the datasets, with the standard error of that average.
+    mean, se = expected_comparison(np.array(gains_advised), np.array(gains_random))
+    print(f"\nin expectation over the {len(datasets)} datasets (gain, advised / random's mean, "
+          f"difference +- its standard error):")
+    for i, r in enumerate(rounds):
+        row = []
+        for j, a in enumerate(ATTRIBUTES):
+            c = i * len(ATTRIBUTES) + j
+            adv, rnd = np.mean(gains_advised, axis=0)[c], np.mean(gains_random, axis=(0, 1))[c]
+            row.append(f"{a} {_pct(adv)} / {_pct(rnd)} ({100 * mean[c]:+5.1f} +- {100 * se[c]:4.1f})")
+        print(f"  {r:4d}  " + "  ".join(row))
+    behind_avg = [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)])
+                  for c in np.flatnonzero(mean < -1e-12)]
+    clearly = [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)])
+               for c in np.flatnonzero(mean < -2 * np.nan_to_num(se))]
+    print(f"advised order behind random's expectation: {len(behind_avg)} of {len(mean)} cells "
+          f"{behind_avg}; by more than two standard errors: {clearly or 'none'}")
     print(f"summed over the cells (percentage points of faces): right values shown, advised "
           f"{100 * totals['score'][0]:,.0f}, random's mean {100 * totals['random'][0]:,.0f}; wrong ones "
           f"{100 * totals['score'][1]:,.0f} and {100 * totals['random'][1]:,.0f}")
