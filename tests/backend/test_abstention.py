@@ -38,6 +38,18 @@ def test_a_threshold_needs_min_shown_held_out_faces():
         assert wilson_lower(m, m) > 0.75 and gate.open is opens
 
 
+def test_min_shown_is_a_strict_count_of_effective_faces():
+    """Twelve faces all right, 7 "no" / 5 "yes", against a majority estimate of 58 %: weighted to
+    the faces' estimated shares exactly as confirmed they are 12 effective faces and open; to shares
+    a hair off (58.32 % against 58.33 %) they are 11.9999 and stay shut. That hair is what kept a
+    replayed glasses gate, 7 / 5 confirmed, from being shown below its majority (README, "Ahead of
+    random, in expectation")."""
+    y = np.array(["no"] * 7 + ["yes"] * 5, dtype=object)
+    exact = Gate.fit(y, y, np.full(12, 0.9), prevalence={"no": 7 / 12, "yes": 5 / 12})
+    off = Gate.fit(y, y, np.full(12, 0.9), prevalence={"no": 0.5832, "yes": 0.4168})
+    assert exact.open and not off.open
+
+
 def test_threshold_shows_the_sure_faces_only():
     """Held out: confident answers right, unsure ones a coin toss: only the confident are shown."""
     rng = np.random.default_rng(0)
