@@ -178,14 +178,14 @@ def main() -> int:
     # Per round and attribute, in expectation: each dataset's advised gain against its random
     # permutations' mean, averaged over the datasets, with the standard error of that average.
     mean, se = expected_comparison(np.array(gains_advised), np.array(gains_random))
+    adv, rnd = np.mean(gains_advised, axis=0), np.mean(gains_random, axis=(0, 1))
     print(f"\nin expectation over the {len(datasets)} datasets (gain, advised / random's mean, "
           f"difference +- its standard error):")
     for i, r in enumerate(rounds):
         row = []
         for j, a in enumerate(ATTRIBUTES):
             c = i * len(ATTRIBUTES) + j
-            adv, rnd = np.mean(gains_advised, axis=0)[c], np.mean(gains_random, axis=(0, 1))[c]
-            row.append(f"{a} {_pct(adv)} / {_pct(rnd)} ({100 * mean[c]:+5.1f} +- {100 * se[c]:4.1f})")
+            row.append(f"{a} {_pct(adv[c])} / {_pct(rnd[c])} ({100 * mean[c]:+5.1f} +- {100 * se[c]:4.1f})")
         print(f"  {r:4d}  " + "  ".join(row))
     behind_avg = [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)])
                   for c in np.flatnonzero(mean < -1e-12)]

@@ -54,7 +54,7 @@ WRONG_COST = 2.0
 #: 58-59 %) and was shown 54-57 % right where 73 % of the faces are "no". 6 and 8 let that through;
 #: 12 keeps every replayed round of both orders above its majority (README, "The labelling loop").
 #: The bound is strict, and that matters: twelve faces weighted to estimated shares that differ from
-#: theirs in the fourth digit are 11.9997 effective ones, and counting to within a hundredth opened
+#: theirs in the fourth digit are 11.997 effective ones, and counting to within a hundredth opened
 #: that glasses gate again (7 no / 5 yes, shown 56 % right where 73 % are "no").
 MIN_SHOWN = 12
 
