@@ -71,6 +71,11 @@ def behind(gain: float, others: list[float]) -> bool:
     return bool(others) and gain < float(np.mean(others)) - 1e-12
 
 
+def gain_table(lines: list[dict]) -> list[float]:
+    """One replay's gains, round by round and attribute by attribute (0 where nothing is shown)."""
+    return [line["figures"][a]["gain"] or 0.0 for line in lines for a in ATTRIBUTES]
+
+
 def expected_comparison(advised: np.ndarray, randoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per cell, the advised order's gain minus random's expected gain, averaged over the datasets,
     and that mean's standard error. advised: (datasets, cells) gains; randoms: (datasets,
@@ -129,7 +134,6 @@ def main() -> int:
                                                                  replace=False)))
         for s in range(args.subsets)]
     results, cells, behind_mean, behind_draws, below = [], 0, [], 0, []
-    gains_advised, gains_random = [], []       # (datasets, cells), (datasets, permutations, cells)
     # The comparison's noise floor: how often one permutation is behind the others' mean.
     loo_behind = [0] * len(seeds)
     totals = {"score": [0.0, 0.0], "random": [0.0, 0.0]}     # right, wrong (share of faces)
@@ -138,9 +142,6 @@ def main() -> int:
         truth = {k: v[idx] for k, v in truth_all.items()}
         advised = replay(views, truth, config, rounds, "score")
         randoms = [replay(views, truth, config, rounds, "random", s) for s in seeds]
-        gains_advised.append([line["figures"][a]["gain"] or 0.0 for line in advised for a in ATTRIBUTES])
-        gains_random.append([[line["figures"][a]["gain"] or 0.0 for line in rnd for a in ATTRIBUTES]
-                             for rnd in randoms])
         results.append({"dataset": name, "faces": len(idx), "score": advised, "random": randoms})
         print(f"\n{name} ({len(idx)} faces)\n  tasks attribute advised shown / cover   random mean "
               f"shown / cover   (its gain, min - max over {len(seeds)} permutations)")
@@ -177,8 +178,10 @@ def main() -> int:
               f"{min(loo_behind)} to {max(loo_behind)} of {cells} cells ({', '.join(map(str, loo_behind))})")
     # Per round and attribute, in expectation: each dataset's advised gain against its random
     # permutations' mean, averaged over the datasets, with the standard error of that average.
-    mean, se = expected_comparison(np.array(gains_advised), np.array(gains_random))
-    adv, rnd = np.mean(gains_advised, axis=0), np.mean(gains_random, axis=(0, 1))
+    gains_advised = np.array([gain_table(r["score"]) for r in results])          # (datasets, cells)
+    gains_random = np.array([[gain_table(p) for p in r["random"]] for r in results])
+    mean, se = expected_comparison(gains_advised, gains_random)
+    adv, rnd = gains_advised.mean(axis=0), gains_random.mean(axis=(0, 1))
     print(f"\nin expectation over the {len(datasets)} datasets (gain, advised / random's mean, "
           f"difference +- its standard error):")
     for i, r in enumerate(rounds):
@@ -187,10 +190,9 @@ def main() -> int:
             c = i * len(ATTRIBUTES) + j
             row.append(f"{a} {_pct(adv[c])} / {_pct(rnd[c])} ({100 * mean[c]:+5.1f} +- {100 * se[c]:4.1f})")
         print(f"  {r:4d}  " + "  ".join(row))
-    behind_avg = [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)])
-                  for c in np.flatnonzero(mean < -1e-12)]
-    clearly = [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)])
-               for c in np.flatnonzero(mean < -2 * np.nan_to_num(se))]
+    def cells_where(mask):
+        return [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)]) for c in np.flatnonzero(mask)]
+    behind_avg, clearly = cells_where(mean < -1e-12), cells_where(mean < -2 * np.nan_to_num(se))
     print(f"advised order behind random's expectation: {len(behind_avg)} of {len(mean)} cells "
           f"{behind_avg}; by more than two standard errors: {clearly or 'none'}")
     print(f"summed over the cells (percentage points of faces): right values shown, advised "
