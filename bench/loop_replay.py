@@ -25,7 +25,10 @@ cells, not none, and counting cells cannot say whether it is ahead. What can: "a
 every round for every attribute" in expectation. Per round and attribute, each dataset's advised
 gain is set against its permutations' mean, and the difference averaged over the datasets with its
 standard error (paired: the datasets are the draws); a cell behind by more than two standard
-errors is a real deficit, not noise. Last, the right and wrong values summed over all the cells.
+errors is a real deficit, not noise. The same again on the net value, right values less WRONG_COST
+times wrong ones (what the gates price a wrong value a labeler accepts at): an order whose values
+are fewer but surer is behind on the gain and may be ahead on the net. Last, the right and wrong
+values summed over all the cells.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from backend.attributes.abstention import WRONG_COST  # noqa: E402
 from backend.attributes.project_model import Clusterings, fit_project  # noqa: E402
 from backend.labeling_config import default_config_xml, parse  # noqa: E402
 from bench.loop import ATTRIBUTES, _pct, scored, value_figures  # noqa: E402
@@ -71,9 +75,16 @@ def behind(gain: float, others: list[float]) -> bool:
     return bool(others) and gain < float(np.mean(others)) - 1e-12
 
 
-def gain_table(lines: list[dict]) -> list[float]:
-    """One replay's gains, round by round and attribute by attribute (0 where nothing is shown)."""
-    return [line["figures"][a]["gain"] or 0.0 for line in lines for a in ATTRIBUTES]
+def net(figures: dict) -> float:
+    """A cell's net value to a labeler: the share of faces rightly pre-annotated less WRONG_COST
+    times the share wrongly pre-annotated (the gates' own price of a wrong value accepted)."""
+    return (figures["gain"] or 0.0) - WRONG_COST * (figures["wrong"] or 0.0)
+
+
+def gain_table(lines: list[dict], measure=lambda f: f["gain"] or 0.0) -> list[float]:
+    """One replay's measure (by default the gain), round by round and attribute by attribute (0
+    where nothing is shown)."""
+    return [measure(line["figures"][a]) for line in lines for a in ATTRIBUTES]
 
 
 def expected_comparison(advised: np.ndarray, randoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,25 +187,29 @@ def main() -> int:
     if len(seeds) > 1:
         print(f"the same test between random permutations (each against the others' mean): behind in "
               f"{min(loo_behind)} to {max(loo_behind)} of {cells} cells ({', '.join(map(str, loo_behind))})")
-    # Per round and attribute, in expectation: each dataset's advised gain against its random
-    # permutations' mean, averaged over the datasets, with the standard error of that average.
-    gains_advised = np.array([gain_table(r["score"]) for r in results])          # (datasets, cells)
-    gains_random = np.array([[gain_table(p) for p in r["random"]] for r in results])
-    mean, se = expected_comparison(gains_advised, gains_random)
-    adv, rnd = gains_advised.mean(axis=0), gains_random.mean(axis=(0, 1))
-    print(f"\nin expectation over the {len(datasets)} datasets (gain, advised / random's mean, "
-          f"difference +- its standard error):")
-    for i, r in enumerate(rounds):
-        row = []
-        for j, a in enumerate(ATTRIBUTES):
-            c = i * len(ATTRIBUTES) + j
-            row.append(f"{a} {_pct(adv[c])} / {_pct(rnd[c])} ({100 * mean[c]:+5.1f} +- {100 * se[c]:4.1f})")
-        print(f"  {r:4d}  " + "  ".join(row))
+    # Per round and attribute, in expectation: each dataset's advised figure against its random
+    # permutations' mean, averaged over the datasets, with the standard error of that average. On
+    # the gain (right values), then on the net value (right less WRONG_COST x wrong): an order
+    # that shows fewer values more surely can be behind on the first and ahead on the second.
     def cells_where(mask):
         return [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)]) for c in np.flatnonzero(mask)]
-    behind_avg, clearly = cells_where(mean < -1e-12), cells_where(mean < -2 * np.nan_to_num(se))
-    print(f"advised order behind random's expectation: {len(behind_avg)} of {len(mean)} cells "
-          f"{behind_avg}; by more than two standard errors: {clearly or 'none'}")
+    for title, measure in (("gain", lambda f: f["gain"] or 0.0),
+                           (f"net value: gain - {WRONG_COST:g} x wrong", net)):
+        advised = np.array([gain_table(r["score"], measure) for r in results])    # (datasets, cells)
+        randoms = np.array([[gain_table(p, measure) for p in r["random"]] for r in results])
+        mean, se = expected_comparison(advised, randoms)
+        adv, rnd = advised.mean(axis=0), randoms.mean(axis=(0, 1))
+        print(f"\nin expectation over the {len(datasets)} datasets ({title}; advised / random's mean, "
+              f"difference +- its standard error):")
+        for i, r in enumerate(rounds):
+            row = []
+            for j, a in enumerate(ATTRIBUTES):
+                c = i * len(ATTRIBUTES) + j
+                row.append(f"{a} {_pct(adv[c])} / {_pct(rnd[c])} ({100 * mean[c]:+5.1f} +- {100 * se[c]:4.1f})")
+            print(f"  {r:4d}  " + "  ".join(row))
+        behind_avg, clearly = cells_where(mean < -1e-12), cells_where(mean < -2 * np.nan_to_num(se))
+        print(f"advised order behind random's expectation ({title.split(':')[0]}): {len(behind_avg)} of "
+              f"{len(mean)} cells {behind_avg}; by more than two standard errors: {clearly or 'none'}")
     print(f"summed over the cells (percentage points of faces): right values shown, advised "
           f"{100 * totals['score'][0]:,.0f}, random's mean {100 * totals['random'][0]:,.0f}; wrong ones "
           f"{100 * totals['score'][1]:,.0f} and {100 * totals['random'][1]:,.0f}")
