@@ -75,15 +75,24 @@ def behind(gain: float, others: list[float]) -> bool:
     return bool(others) and gain < float(np.mean(others)) - 1e-12
 
 
+def gain(figures: dict) -> float:
+    """A cell's share of faces rightly pre-annotated (0 where nothing is shown)."""
+    return figures["gain"] or 0.0
+
+
+def wrong(figures: dict) -> float:
+    """A cell's share of faces wrongly pre-annotated."""
+    return figures["wrong"] or 0.0
+
+
 def net(figures: dict) -> float:
     """A cell's net value to a labeler: the share of faces rightly pre-annotated less WRONG_COST
     times the share wrongly pre-annotated (the gates' own price of a wrong value accepted)."""
-    return (figures["gain"] or 0.0) - WRONG_COST * (figures["wrong"] or 0.0)
+    return gain(figures) - WRONG_COST * wrong(figures)
 
 
-def gain_table(lines: list[dict], measure=lambda f: f["gain"] or 0.0) -> list[float]:
-    """One replay's measure (by default the gain), round by round and attribute by attribute (0
-    where nothing is shown)."""
+def cell_table(lines: list[dict], measure) -> list[float]:
+    """One replay's measure (gain, wrong or net), round by round and attribute by attribute."""
     return [measure(line["figures"][a]) for line in lines for a in ATTRIBUTES]
 
 
@@ -147,7 +156,6 @@ def main() -> int:
     results, cells, behind_mean, behind_draws, below = [], 0, [], 0, []
     # The comparison's noise floor: how often one permutation is behind the others' mean.
     loo_behind = [0] * len(seeds)
-    totals = {"score": [0.0, 0.0], "random": [0.0, 0.0]}     # right, wrong (share of faces)
     for name, idx in datasets:
         views = {k: v[idx] for k, v in views_all.items()}
         truth = {k: v[idx] for k, v in truth_all.items()}
@@ -170,9 +178,6 @@ def main() -> int:
                 behind_draws += sum(f["gain"] < g for g in gains)
                 for j, g in enumerate(gains):
                     loo_behind[j] += behind(g, gains[:j] + gains[j + 1:])
-                for order, xs in (("score", [f]), ("random", rs)):
-                    totals[order][0] += np.mean([x["gain"] or 0.0 for x in xs])
-                    totals[order][1] += np.mean([x["wrong"] or 0.0 for x in xs])
                 if behind(f["gain"], gains):
                     behind_mean.append((name, line["labelled"], a, round(100 * f["gain"], 1),
                                         round(100 * float(np.mean(gains)), 1)))
@@ -193,10 +198,12 @@ def main() -> int:
     # that shows fewer values more surely can be behind on the first and ahead on the second.
     def cells_where(mask):
         return [(rounds[c // len(ATTRIBUTES)], ATTRIBUTES[c % len(ATTRIBUTES)]) for c in np.flatnonzero(mask)]
-    for title, measure in (("gain", lambda f: f["gain"] or 0.0),
-                           (f"net value: gain - {WRONG_COST:g} x wrong", net)):
-        advised = np.array([gain_table(r["score"], measure) for r in results])    # (datasets, cells)
-        randoms = np.array([[gain_table(p, measure) for p in r["random"]] for r in results])
+    def tables(measure):
+        """(datasets, cells) of the advised order and (datasets, permutations, cells) of random."""
+        return (np.array([cell_table(r["score"], measure) for r in results]),
+                np.array([[cell_table(p, measure) for p in r["random"]] for r in results]))
+    for title, measure in (("gain", gain), (f"net value: gain - {WRONG_COST:g} x wrong", net)):
+        advised, randoms = tables(measure)
         mean, se = expected_comparison(advised, randoms)
         adv, rnd = advised.mean(axis=0), randoms.mean(axis=(0, 1))
         print(f"\nin expectation over the {len(datasets)} datasets ({title}; advised / random's mean, "
@@ -210,9 +217,11 @@ def main() -> int:
         behind_avg, clearly = cells_where(mean < -1e-12), cells_where(mean < -2 * np.nan_to_num(se))
         print(f"advised order behind random's expectation ({title.split(':')[0]}): {len(behind_avg)} of "
               f"{len(mean)} cells {behind_avg}; by more than two standard errors: {clearly or 'none'}")
+    # Summed over datasets and cells: random's as the mean over its permutations.
+    (right_a, right_r), (wrong_a, wrong_r) = tables(gain), tables(wrong)
     print(f"summed over the cells (percentage points of faces): right values shown, advised "
-          f"{100 * totals['score'][0]:,.0f}, random's mean {100 * totals['random'][0]:,.0f}; wrong ones "
-          f"{100 * totals['score'][1]:,.0f} and {100 * totals['random'][1]:,.0f}")
+          f"{100 * right_a.sum():,.0f}, random's mean {100 * right_r.mean(axis=1).sum():,.0f}; wrong ones "
+          f"{100 * wrong_a.sum():,.0f} and {100 * wrong_r.mean(axis=1).sum():,.0f}")
     print(f"shown below the majority baseline: {below or 'never'}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
