@@ -18,8 +18,10 @@ The score is what the Data Manager sorts on (highest first). Two aims, in this o
     value gets confirmed early). Starting at the most typical face names each cluster from a
     clear example, but tilts the first labels towards well-imaged faces: on bench/loop.py's
     collection the most typical eighth of the clusters is 38 % UTK photos (50 % overall), so age
-    and skin, which only those carry, get fewer confirmations early (12-16 in 32 tasks). Starting
-    at the median face did worse (README, "Tried and not adopted").
+    and skin, which only those carry, got fewer confirmations early on ten replayed datasets
+    (12-16 in 32 tasks; on ten more, as many as a random order). Starting at the median face did
+    worse; the densest face first, or kernel herding, fewer cells behind random on the datasets
+    they were tried on but not clearly on new ones (README, "Tried and not adopted").
     Measured on bench/loop.py (README, "The labelling loop"): picking the faces the models are
     least sure of first (uncertainty, now weight 0) gave the attributes held-out folds of hard faces
     only, so their gates judged them by the hardest faces and stayed shut (age at 64 tasks: 16/16
