@@ -3,7 +3,7 @@ whose clusters carry a signal for one attribute and none for another."""
 import numpy as np
 import pytest
 
-from backend.attributes.abstention import MIN_SHOWN, Gate, wilson_lower
+from backend.attributes.abstention import MIN_SHOWN, Z_THIN, Gate, wilson_lower
 from backend.attributes.project_model import Clusterings, fit_project
 from backend.labeling_config import parse
 
@@ -38,16 +38,24 @@ def test_a_threshold_needs_min_shown_held_out_faces():
         assert wilson_lower(m, m) > 0.75 and gate.open is opens
 
 
-def test_min_shown_is_a_strict_count_of_effective_faces():
-    """Twelve faces all right, 7 "no" / 5 "yes", against a majority estimate of 58 %: weighted to
-    the faces' estimated shares exactly as confirmed they are 12 effective faces and open; to shares
-    a hair off (58.32 % against 58.33 %) they are 11.9999 and stay shut. That hair is what kept a
-    replayed glasses gate, 7 / 5 confirmed, from being shown below its majority (README, "Ahead of
-    random, in expectation")."""
+def test_twelve_faces_weighted_to_fewer_effective_ones_face_the_wider_bound():
+    """Twelve faces 7 "no" / 5 "yes", their estimated shares a hair off (58.32 % against 58.33 %):
+    11.9999 effective faces, so the bound is Z_THIN's. All 12 right against that 58 % majority
+    clears it (0.76) and opens, as 12 effective faces would; 10 of 12 right against 59 %, the
+    replayed glasses gate that was shown below its majority, clears the 95 % bound (0.60) but not
+    the wider one (0.55), and stays shut. Eleven faces never open (MIN_SHOWN)."""
     y = np.array(["no"] * 7 + ["yes"] * 5, dtype=object)
     exact = Gate.fit(y, y, np.full(12, 0.9), prevalence={"no": 7 / 12, "yes": 5 / 12})
     off = Gate.fit(y, y, np.full(12, 0.9), prevalence={"no": 0.5832, "yes": 0.4168})
-    assert exact.open and not off.open
+    assert exact.open and exact.lower_bound == pytest.approx(wilson_lower(12, 12))
+    assert off.open and off.lower_bound == pytest.approx(wilson_lower(12, 12, Z_THIN), abs=1e-4)
+    pred = y.copy()
+    pred[[0, 7]] = np.array(["yes", "no"], dtype=object)            # 10 of 12 right
+    shares = {"no": 0.591, "yes": 0.409}
+    assert wilson_lower(10, 12) > 0.591 > wilson_lower(10, 12, Z_THIN)
+    assert not Gate.fit(y, pred, np.full(12, 0.9), prevalence=shares).open
+    assert Gate.fit(y, pred, np.full(12, 0.9), prevalence={"no": 7 / 12, "yes": 5 / 12}).open
+    assert not Gate.fit(y[1:], y[1:], np.full(11, 0.9), prevalence=shares).open
 
 
 def test_threshold_shows_the_sure_faces_only():
