@@ -85,14 +85,8 @@ def wrong(figures: dict) -> float:
     return figures["wrong"] or 0.0
 
 
-def net(figures: dict) -> float:
-    """A cell's net value to a labeler: the share of faces rightly pre-annotated less WRONG_COST
-    times the share wrongly pre-annotated (the gates' own price of a wrong value accepted)."""
-    return gain(figures) - WRONG_COST * wrong(figures)
-
-
 def cell_table(lines: list[dict], measure) -> list[float]:
-    """One replay's measure (gain, wrong or net), round by round and attribute by attribute."""
+    """One replay's measure (gain or wrong), round by round and attribute by attribute."""
     return [measure(line["figures"][a]) for line in lines for a in ATTRIBUTES]
 
 
@@ -202,8 +196,10 @@ def main() -> int:
         """(datasets, cells) of the advised order and (datasets, permutations, cells) of random."""
         return (np.array([cell_table(r["score"], measure) for r in results]),
                 np.array([[cell_table(p, measure) for p in r["random"]] for r in results]))
-    table = {name: tables(measure)
-             for name, measure in (("gain", gain), ("wrong", wrong), ("net value", net))}
+    table = {"gain": tables(gain), "wrong": tables(wrong)}
+    # The net value to a labeler: right values less WRONG_COST x wrong ones (the gates' own price
+    # of a wrong value accepted), cell by cell.
+    table["net value"] = tuple(g - WRONG_COST * w for g, w in zip(table["gain"], table["wrong"]))
     for name, title in (("gain", "gain"), ("net value", f"net value: gain - {WRONG_COST:g} x wrong")):
         advised, randoms = table[name]
         mean, se = expected_comparison(advised, randoms)
