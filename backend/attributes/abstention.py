@@ -155,9 +155,9 @@ class Gate:
         # Thresholds on the calibrated scale: show faces whose calibrated probability >= t.
         for t in np.unique(cal):
             shown = cal >= t - 1e-12
-            w = weight[shown]
             if shown.sum() < min_shown:
                 continue
+            w = weight[shown]
             # Weighted share right over Kish's effective number of faces: unequal weights carry
             # less evidence than as many equal ones (equal weights: k right of m, as before); fewer
             # effective faces than min_shown are judged by the wider bound.
