@@ -49,19 +49,19 @@ Z = 1.645
 #: 12 of 12 right held out; judging them by Z let glasses open on 10 of 12 right and be shown below
 #: its majority. This bound opens the first (0.76 against 58 %) and not the second (0.55 against
 #: 59 %). Not for every threshold: that shut glasses at 64 tasks on bench/loop.py's collection,
-#: shown 97.6 % right (figures: README, "How the gate decides").
+#: shown 97.6 % right (figures: bench/LOOP_RESULTS.md, "How the gate decides").
 Z_THIN = 1.96
 #: What a wrong value a labeler accepts costs, in right values. 3 (show only where ~75 % sure) left
 #: age at 64 confirmations shown on 61 % of the faces at 95.5 % right; 2 (~67 % sure) shows it on
-#: 74 % at 93.9 % (offline replay of bench/loop.py, before the midway cut: README, "The labelling
-#: loop").
+#: 74 % at 93.9 % (offline replay of bench/loop.py, before the midway cut: bench/LOOP_RESULTS.md,
+#: "How the gate decides").
 WRONG_COST = 2.0
 #: Held-out faces a threshold must keep before its bound means anything. A teaching
 #: order's confirmations are no random sample (typical faces, likely faces of rare values), so on
 #: a dozen of them the held-out accuracy flatters: on two of ten replayed subsets of the loop's
 #: photos glasses opened at 32 tasks on 12 confirmed (83 % right held out, majority estimated at
 #: 58-59 %) and was shown 54-57 % right where 73 % of the faces are "no". 6 and 8 let that through;
-#: 12 keeps every replayed round of both orders above its majority (README, "The labelling loop").
+#: 12 keeps every replayed round of both orders above its majority (bench/LOOP_RESULTS.md).
 #: Counted in faces; where their weights make them fewer effective ones, the bound is Z_THIN.
 MIN_SHOWN = 12
 

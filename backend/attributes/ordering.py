@@ -21,8 +21,8 @@ The score is what the Data Manager sorts on (highest first). Two aims, in this o
     and skin, which only those carry, got fewer confirmations early on ten replayed datasets
     (12-16 in 32 tasks; on ten more, as many as a random order). Starting at the median face did
     worse; the densest face first, or kernel herding, fewer cells behind random on the datasets
-    they were tried on but not clearly on new ones (README, "Tried and not adopted").
-    Measured on bench/loop.py (README, "The labelling loop"): picking the faces the models are
+    they were tried on but not clearly on new ones (bench/LOOP_RESULTS.md, "Tried and not adopted").
+    Measured on bench/loop.py (bench/LOOP_RESULTS.md): picking the faces the models are
     least sure of first (uncertainty, now weight 0) gave the attributes held-out folds of hard faces
     only, so their gates judged them by the hardest faces and stayed shut (age at 64 tasks: 16/16
     confirmations, 69 % held out, silent, where random's 14/17 opened at 81 %); the faces at the

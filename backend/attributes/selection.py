@@ -17,7 +17,7 @@ The same for learners of any kind (backend.attributes.candidates), what a projec
 
 Why a committee and not the best alone: with a few dozen confirmations, the best of ~26 candidates by
 cross-validation is mostly the luckiest (the winner's curse), and averaging the few best is steadier
-than any one of them (bench/loop.py; README, "The labelling loop").
+than any one of them (bench/loop.py; bench/LOOP_RESULTS.md, "How the gate decides").
 """
 from __future__ import annotations
 
